@@ -1,0 +1,69 @@
+// CUDA building blocks: 16-byte vector packs, launch sizing, a grid-stride loop over
+// vector packs with a scalar tail, and CUB block reductions.
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cub/block/block_reduce.cuh>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace ddg::cuda {
+
+constexpr int kThreads = 256;
+// Reduction kernels give each block one chunk of one sample: grid = (chunks, batch).
+constexpr int64_t kReduceChunk = 8192;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Elements per 16-byte vector for scalar_t, or 1 when any pointer is misaligned.
+template <typename scalar_t>
+int vector_width(std::initializer_list<const void*> ptrs) {
+  constexpr int kWidth = 16 / sizeof(scalar_t);
+  for (const void* p : ptrs)
+    if (p && reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+  return kWidth;
+}
+
+inline int64_t elementwise_blocks(int64_t work_items) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::max<int64_t>(1, std::min<int64_t>((work_items + kThreads - 1) / kThreads, sms * 16));
+}
+
+inline int64_t chunks_per_sample(int64_t per_sample) {
+  return (per_sample + kReduceChunk - 1) / kReduceChunk;
+}
+
+// Reduction kernels use a 1-D grid of batch * chunks blocks; block k handles chunk
+// k % chunks of sample k / chunks, i.e. the flat range [lo, hi).
+struct ChunkRange {
+  int64_t sample, lo, hi;
+};
+
+__device__ __forceinline__ ChunkRange block_chunk(int64_t per_sample, int64_t chunks) {
+  ChunkRange r;
+  r.sample = blockIdx.x / chunks;
+  r.lo = r.sample * per_sample + (blockIdx.x % chunks) * kReduceChunk;
+  r.hi = min(r.lo + kReduceChunk, (r.sample + 1) * per_sample);
+  return r;
+}
+
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(const T& a, const T& b) const {
+    return a + b;
+  }
+};
+
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T value, Op op) {
+  using BlockReduce = cub::BlockReduce<T, kThreads>;
+  __shared__ typename BlockReduce::TempStorage storage;
+  return BlockReduce(storage).Reduce(value, op);  // valid in thread 0
+}
+
+}  // namespace ddg::cuda

@@ -1,0 +1,45 @@
+// The ddg operator library: every schema, defined once. Backends register their
+// implementations in csrc/cpu and csrc/cuda; fake kernels and autograd are registered
+// from Python (ddg_ops/_fake.py, ddg_ops/_autograd.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing ddg_ops._C loads this library and runs the static registrations below; the
+// module itself is empty (no pybind11, so nothing here is opaque to torch.compile).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(ddg, m) {
+  // ---- guidance family (specs/kernels.md §6, specs/dpdmd.md §3.4)
+  // out = uncond + s*(cond - uncond), optionally guidance-rescaled; stats are the
+  // per-sample [mean_guided, var_guided, mean_cond, var_cond] backward needs ([0, 4] without rescale).
+  m.def(
+      "cfg_combine(Tensor uncond, Tensor cond, float scale, Tensor? scale_per_sample, "
+      "float rescale) -> (Tensor out, Tensor stats)");
+  m.def(
+      "cfg_combine_backward(Tensor grad_out, Tensor uncond, Tensor cond, float scale, "
+      "Tensor? scale_per_sample, float rescale, Tensor stats) -> (Tensor grad_uncond, Tensor grad_cond)");
+  // CFG fused with one sampler update: update is 'ddim_epsilon' | 'ddim_v_prediction'
+  // (coef_t, coef_next = alpha_bar(t), alpha_bar(t_prev)) or 'euler' (sigma, sigma_next).
+  // coef_per_sample [B, 2] overrides (coef_t, coef_next) per sample.
+  m.def(
+      "cfg_step(Tensor sample, Tensor uncond, Tensor cond, float scale, Tensor? scale_per_sample, "
+      "float rescale, str update, float coef_t, float coef_next, Tensor? coef_per_sample) "
+      "-> (Tensor out, Tensor stats)");
+  m.def(
+      "cfg_step_backward(Tensor grad_out, Tensor uncond, Tensor cond, float scale, "
+      "Tensor? scale_per_sample, float rescale, str update, float coef_t, float coef_next, "
+      "Tensor? coef_per_sample, Tensor stats) -> (Tensor grad_sample, Tensor grad_uncond, Tensor grad_cond)");
+  // Distribution-matching gradient (prediction 'velocity' or 'epsilon'); grad and loss in
+  // fp32 (fp64 for fp64 inputs); denom is the per-sample normaliser mean|p_real|.
+  m.def(
+      "dmd_grad(Tensor x, Tensor uncond, Tensor cond, Tensor fake, float scale, "
+      "Tensor? scale_per_sample, str prediction, Tensor? x_t, Tensor? alpha_bar) "
+      "-> (Tensor grad, Tensor denom, Tensor loss)");
+  // d(loss)/dx = grad_loss * grad / numel, in `dtype` (the dtype of x).
+  m.def("dmd_grad_backward(Tensor grad_loss, Tensor grad, ScalarType dtype) -> Tensor");
+}

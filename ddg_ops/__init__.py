@@ -1,0 +1,20 @@
+"""ddg_ops: fused C++/CUDA ops for diffusion-based distillation, with pure-PyTorch references.
+
+Importing this package loads the compiled extension when it is built (see ddg_ops._ext
+for DDG_DISABLE_EXT / DDG_REQUIRE_EXT) and registers fake kernels and autograd for the
+``torch.ops.ddg`` operators. ``python -m ddg_ops.info`` reports what is in use.
+"""
+import torch  # noqa: F401  (load torch's libraries before the extension)
+
+from ._ext import STATE as EXTENSION
+
+if EXTENSION.loaded:
+    from . import _autograd, _fake  # noqa: F401
+
+from . import reference  # noqa: E402
+from .functional import *  # noqa: E402,F401,F403
+from .functional import __all__ as _functional_all  # noqa: E402
+
+HAS_EXT = EXTENSION.loaded
+__version__ = "0.1.0"
+__all__ = ["EXTENSION", "HAS_EXT", "reference", *_functional_all]

@@ -1,0 +1,59 @@
+"""Fake (meta) kernels: output metadata of every ddg op without touching data, so the
+ops trace under torch.compile / FakeTensor. Output strides follow torch.empty_like, which
+is also what the C++ ops return."""
+from __future__ import annotations
+
+import torch
+
+from ._types import opmath_dtype
+
+_STATS_PER_SAMPLE = 4  # [mean_guided, var_guided, mean_cond, var_cond]
+
+
+def _same(op: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        torch._check(t.shape == ref.shape, lambda: f"ddg.{op}: '{name}' must have shape {tuple(ref.shape)}, "
+                     f"got {tuple(t.shape)}")
+        torch._check(t.dtype == ref.dtype, lambda: f"ddg.{op}: '{name}' must be {ref.dtype}, got {t.dtype}")
+
+
+def _stats(ref: torch.Tensor, rescale: float) -> torch.Tensor:
+    rows = ref.shape[0] if rescale != 0.0 else 0
+    return ref.new_empty((rows, _STATS_PER_SAMPLE), dtype=opmath_dtype(ref.dtype))
+
+
+@torch.library.register_fake("ddg::cfg_combine")
+def _cfg_combine(uncond, cond, scale, scale_per_sample, rescale):
+    _same("cfg_combine", uncond, cond=cond)
+    return torch.empty_like(uncond), _stats(uncond, rescale)
+
+
+@torch.library.register_fake("ddg::cfg_combine_backward")
+def _cfg_combine_backward(grad_out, uncond, cond, scale, scale_per_sample, rescale, stats):
+    _same("cfg_combine_backward", grad_out, uncond=uncond, cond=cond)
+    return torch.empty_like(uncond), torch.empty_like(cond)
+
+
+@torch.library.register_fake("ddg::cfg_step")
+def _cfg_step(sample, uncond, cond, scale, scale_per_sample, rescale, update, coef_t, coef_next, coef_per_sample):
+    _same("cfg_step", sample, uncond=uncond, cond=cond)
+    return torch.empty_like(sample), _stats(sample, rescale)
+
+
+@torch.library.register_fake("ddg::cfg_step_backward")
+def _cfg_step_backward(grad_out, uncond, cond, scale, scale_per_sample, rescale, update, coef_t, coef_next,
+                       coef_per_sample, stats):
+    _same("cfg_step_backward", grad_out, uncond=uncond, cond=cond)
+    return torch.empty_like(grad_out), torch.empty_like(uncond), torch.empty_like(cond)
+
+
+@torch.library.register_fake("ddg::dmd_grad")
+def _dmd_grad(x, uncond, cond, fake, scale, scale_per_sample, prediction, x_t, alpha_bar):
+    _same("dmd_grad", x, uncond=uncond, cond=cond, fake=fake)
+    acc = opmath_dtype(x.dtype)
+    return (torch.empty_like(x, dtype=acc), x.new_empty((x.shape[0],), dtype=acc), x.new_empty((), dtype=acc))
+
+
+@torch.library.register_fake("ddg::dmd_grad_backward")
+def _dmd_grad_backward(grad_loss, grad, dtype):
+    return torch.empty_like(grad, dtype=dtype)

@@ -1,0 +1,117 @@
+"""Pure-PyTorch reference implementations of every ddg op.
+
+These are the test oracle, the benchmark's eager baseline and the fallback when the
+compiled extension is unavailable. They compute in the kernels' accumulation dtype
+(float32, or float64 for float64 inputs) and follow diffusers' formulas term by term.
+Scalars (`scale`, step coefficients, `alpha_bar`) are Python floats or [B] tensors.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from ._types import opmath_dtype, per_sample
+
+Scalar = Union[float, torch.Tensor]
+
+
+class DMDGradOutput(NamedTuple):
+    grad: torch.Tensor   # g, fp32 (fp64 for fp64 inputs), shaped like x
+    denom: torch.Tensor  # per-sample normaliser mean|p_real|, [B]
+    loss: torch.Tensor   # 0.5 * mean(g^2); d(loss)/dx = g / numel (the stop-gradient MSE trick)
+
+
+def _bcast(value: Scalar, like: torch.Tensor) -> Scalar:
+    if isinstance(value, torch.Tensor):
+        return per_sample(value.to(like.dtype).expand(like.shape[0]), like.ndim)
+    return value
+
+
+def _sample_rows(t: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [B, n] (also for 1-D and empty batches)."""
+    return t.flatten(1) if t.ndim > 1 else t.unsqueeze(1)
+
+
+def rescale_guided(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023), as diffusers' rescale_noise_cfg, per sample.
+
+    A sample whose guided prediction is constant keeps ratio 1 (diffusers returns NaN).
+    """
+    shape = (guided.shape[0],) + (1,) * (guided.ndim - 1)
+    std_cond = _sample_rows(cond).std(dim=1, correction=0).reshape(shape)
+    std_guided = _sample_rows(guided).std(dim=1, correction=0).reshape(shape)
+    ratio = torch.where(std_guided > 0, std_cond / std_guided, torch.ones_like(std_guided))
+    rescaled = guided * ratio
+    return rescale * rescaled + (1 - rescale) * guided
+
+
+def _guided(uncond: torch.Tensor, cond: torch.Tensor, scale: Scalar, rescale: float) -> torch.Tensor:
+    acc = opmath_dtype(uncond.dtype)
+    u, c = uncond.to(acc), cond.to(acc)
+    guided = u + _bcast(scale, u) * (c - u)
+    if rescale:
+        guided = rescale_guided(guided, c, rescale)
+    return guided
+
+
+def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: Scalar, rescale: float = 0.0) -> torch.Tensor:
+    """uncond + scale * (cond - uncond), optionally guidance-rescaled."""
+    return _guided(uncond, cond, scale, rescale).to(uncond.dtype)
+
+
+def cfg_step(sample: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor, scale: Scalar, *,
+             update: str, coef_t: Scalar, coef_next: Scalar, rescale: float = 0.0) -> torch.Tensor:
+    """CFG followed by one sampler update, written as diffusers' schedulers write it.
+
+    update='ddim_epsilon' / 'ddim_v_prediction': DDIMScheduler.step with eta=0, where
+    coef_t = alpha_bar(t) and coef_next = alpha_bar(t_prev).
+    update='euler': FlowMatchEulerDiscreteScheduler.step, coef_t = sigma, coef_next = sigma_next.
+    """
+    pred = _guided(uncond, cond, scale, rescale)
+    x = sample.to(pred.dtype)
+    a_t, a_next = _bcast(coef_t, pred), _bcast(coef_next, pred)
+    if update == "euler":
+        out = x + (a_next - a_t) * pred
+    elif update in ("ddim_epsilon", "ddim_v_prediction"):
+        if update == "ddim_epsilon":
+            x0 = (x - (1 - a_t) ** 0.5 * pred) / a_t ** 0.5
+            eps = pred
+        else:
+            x0 = a_t ** 0.5 * x - (1 - a_t) ** 0.5 * pred
+            eps = a_t ** 0.5 * pred + (1 - a_t) ** 0.5 * x
+        out = a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps
+    else:
+        raise ValueError(f"ddg.cfg_step: unknown update {update!r}")
+    return out.to(sample.dtype)
+
+
+def dmd_grad(x: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor, fake: torch.Tensor, scale: Scalar, *,
+             prediction: str = "velocity", x_t: Optional[torch.Tensor] = None,
+             alpha_bar: Optional[Scalar] = None) -> DMDGradOutput:
+    """The distribution-matching gradient (specs/dpdmd.md, K2) and its loss.
+
+    velocity: g = (v_real - v_fake) / mean|v_real|  (DP-DMD's p = x_sigma - x0 = sigma * v; sigma cancels)
+    epsilon:  g = (x0_fake - x0_real) / mean|x - x0_real|, x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab)  (DMD2)
+    with v_real / eps_real = CFG(uncond, cond, scale), means per sample, then nan_to_num.
+    """
+    acc = opmath_dtype(x.dtype)
+    real = _guided(uncond, cond, scale, 0.0)
+    fake_ = fake.to(acc)
+    if prediction == "velocity":
+        p_real, p_fake = real, fake_
+    elif prediction == "epsilon":
+        ab = _bcast(alpha_bar, real)
+        xt, x_ = x_t.to(acc), x.to(acc)
+        x0_real = (xt - (1 - ab) ** 0.5 * real) / ab ** 0.5
+        x0_fake = (xt - (1 - ab) ** 0.5 * fake_) / ab ** 0.5
+        p_real, p_fake = x_ - x0_real, x_ - x0_fake
+    else:
+        raise ValueError(f"ddg.dmd_grad: unknown prediction {prediction!r}")
+    denom = _sample_rows(p_real).abs().mean(dim=1)
+    grad = torch.nan_to_num((p_real - p_fake) / per_sample(denom, p_real.ndim)).detach()
+    x_acc = x.to(acc)
+    # Value 0.5*mean(g^2); gradient g/numel w.r.t. x and none to the scores (stop-gradient).
+    surrogate = ((x_acc - x_acc.detach()) * grad).sum() / grad.numel()
+    loss = 0.5 * grad.square().mean() + surrogate
+    return DMDGradOutput(grad, denom.detach(), loss)

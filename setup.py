@@ -1,0 +1,170 @@
+"""Builds ddg_ops._C: a CUDAExtension when it can be compiled, otherwise a CppExtension.
+
+Decision (printed, and recorded in ddg_ops/_build_info.json):
+  * CUDA when torch is a CUDA build, a CUDA toolkit with the same major version is found
+    and a GPU is visible, DDG_FORCE_CUDA=1 or TORCH_CUDA_ARCH_LIST is set;
+  * DDG_FORCE_CUDA=0 always builds CPU only; DDG_FORCE_CUDA=1 fails loudly if CUDA can't be built.
+Toolkit lookup: $CUDA_HOME / $CUDA_PATH, else the toolkit around a real nvcc on PATH, else
+/usr/local/cuda. Other knobs: TORCH_CUDA_ARCH_LIST (default 9.0+PTX without a visible GPU),
+DDG_CPU_CAPABILITY=avx2|default (SIMD level of the CPU kernels; default: what this machine
+supports), DEBUG=1 (-O0 -g), MAX_JOBS (parallel compile jobs).
+"""
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+BUILD_INFO = ROOT / "ddg_ops" / "_build_info.json"
+
+
+def log(msg):
+    print(f"[ddg setup] {msg}", file=sys.stderr)
+
+
+def find_cuda_home():
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var], f"${var}"
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        root = Path(os.path.realpath(nvcc)).parent.parent
+        # A wrapper script outside the toolkit has no include/cuda.h next to it.
+        if (root / "include" / "cuda.h").exists():
+            return str(root), f"nvcc on PATH ({nvcc})"
+    if Path("/usr/local/cuda/include/cuda.h").exists():
+        return "/usr/local/cuda", "/usr/local/cuda"
+    return None, "no toolkit found"
+
+
+def nvcc_version(cuda_home):
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def decide_cuda():
+    """Returns (build_cuda, reason, cuda_home, nvcc_version)."""
+    force = os.environ.get("DDG_FORCE_CUDA")
+    if force == "0":
+        return False, "DDG_FORCE_CUDA=0", None, None
+
+    def no(reason):
+        if force == "1":
+            raise SystemExit(f"[ddg setup] DDG_FORCE_CUDA=1 but CUDA cannot be built: {reason}")
+        return False, reason, None, None
+
+    if torch.version.cuda is None:
+        return no(f"torch {torch.__version__} is a CPU-only build")
+    cuda_home, found_by = find_cuda_home()
+    if cuda_home is None:
+        return no("no CUDA toolkit (set CUDA_HOME to the toolkit root)")
+    version = nvcc_version(cuda_home)
+    if version is None:
+        return no(f"no working nvcc under {cuda_home} (found by {found_by})")
+    if version.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return no(f"nvcc {version} under {cuda_home} does not match torch's CUDA {torch.version.cuda} "
+                  "(the major versions must be equal)")
+    if force == "1":
+        why = "DDG_FORCE_CUDA=1"
+    elif os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        why = "TORCH_CUDA_ARCH_LIST is set"
+    elif torch.cuda.is_available():
+        why = "a GPU is visible"
+    else:
+        return False, ("no GPU visible (set DDG_FORCE_CUDA=1 or TORCH_CUDA_ARCH_LIST to compile the "
+                       "CUDA kernels anyway)"), None, None
+    return True, f"{why}; toolkit {cuda_home} (found by {found_by}), nvcc {version}", cuda_home, version
+
+
+def cpu_capability():
+    wanted = os.environ.get("DDG_CPU_CAPABILITY")
+    if wanted in ("avx2", "default"):
+        return wanted
+    try:
+        flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    except (OSError, AttributeError):
+        return "default"
+    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "default"
+
+
+def nvidia_pip_includes():
+    # torch's CUDA headers include cusparse.h, cublas_v2.h, ... which pip installs here.
+    site = Path(torch.__file__).resolve().parent.parent
+    return sorted(glob.glob(str(site / "nvidia" / "cu*" / "include")))
+
+
+def git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def extensions():
+    build_cuda, reason, cuda_home, nvcc_ver = decide_cuda()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # read by cpp_extension at import
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension  # noqa: E402
+
+    debug = os.environ.get("DEBUG") == "1"
+    capability = cpu_capability()
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    if capability == "avx2":
+        # at::vec picks its AVX2 specialisations from these macros (torch compiles its own
+        # kernels the same way); without them it falls back to generic array loops.
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+    sources += sorted(str(p.relative_to(ROOT)) for sub in ("host", "cpu") for p in (ROOT / "csrc" / sub).glob("*.cpp"))
+    info = {
+        "backends": ["cpu"],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "nvcc": nvcc_ver,
+        "cuda_arch_list": None,
+        "cpu_capability": capability,
+        "debug": debug,
+        "decision": reason,
+        "git_sha": git_sha(),
+    }
+    if build_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
+        info["cuda_arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPUs")
+        info["backends"].append("cuda")
+        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+        nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--generate-line-info"]
+        ext = CUDAExtension(
+            "ddg_ops._C", sources, include_dirs=nvidia_pip_includes(),
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc + ["--expt-relaxed-constexpr"]})
+    else:
+        ext = CppExtension("ddg_ops._C", sources, extra_compile_args={"cxx": cxx})
+    log(f"building {' + '.join(info['backends'])}: {reason}")
+    log(f"torch {torch.__version__} (CUDA {torch.version.cuda}), arch list {info['cuda_arch_list']}, "
+        f"CPU SIMD {capability}")
+    BUILD_INFO.write_text(json.dumps(info, indent=2) + "\n")
+    return [ext]
+
+
+def build_ext_class():
+    from torch.utils.cpp_extension import BuildExtension
+    return BuildExtension.with_options(no_python_abi_suffix=False)
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": build_ext_class()},
+    package_data={"ddg_ops": ["_build_info.json"]},
+)
