@@ -33,15 +33,22 @@ def _sample_rows(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1) if t.ndim > 1 else t.unsqueeze(1)
 
 
+def _std_or_zero(var: torch.Tensor) -> torch.Tensor:
+    """sqrt(var) whose gradient at var == 0 is 0 rather than NaN (a constant sample)."""
+    positive = var > 0
+    return torch.where(positive, torch.where(positive, var, 1.0).sqrt(), 0.0)
+
+
 def rescale_guided(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
     """Guidance rescale (Lin et al. 2023), as diffusers' rescale_noise_cfg, per sample.
 
     A sample whose guided prediction is constant keeps ratio 1 (diffusers returns NaN).
     """
     shape = (guided.shape[0],) + (1,) * (guided.ndim - 1)
-    std_cond = _sample_rows(cond).std(dim=1, correction=0).reshape(shape)
-    std_guided = _sample_rows(guided).std(dim=1, correction=0).reshape(shape)
-    ratio = torch.where(std_guided > 0, std_cond / std_guided, torch.ones_like(std_guided))
+    std_cond = _std_or_zero(_sample_rows(cond).var(dim=1, correction=0)).reshape(shape)
+    std_guided = _std_or_zero(_sample_rows(guided).var(dim=1, correction=0)).reshape(shape)
+    positive = std_guided > 0
+    ratio = torch.where(positive, std_cond / torch.where(positive, std_guided, 1.0), 1.0)
     rescaled = guided * ratio
     return rescale * rescaled + (1 - rescale) * guided
 
