@@ -100,10 +100,12 @@ class CFGSampler:
                  num_inference_steps: int) -> torch.Tensor:
         self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
         step = FusedGuidanceStep(self.scheduler, self.guidance_scale, self.guidance_rescale)
-        latents = latents * self.scheduler.init_noise_sigma
+        # Flow-matching schedulers neither scale the initial noise nor the model input.
+        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        scale_input = getattr(self.scheduler, "scale_model_input", lambda sample, t: sample)
         embeds = torch.cat([uncond_embeds, cond_embeds])
         for t in self.scheduler.timesteps:
-            model_in = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            model_in = scale_input(torch.cat([latents, latents]), t)
             uncond, cond = self.denoiser(model_in, t, embeds).chunk(2)
             latents = step(uncond, cond, t, latents)
         return latents

@@ -76,7 +76,8 @@ def cfg_step(sample: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor, sca
     check_per_sample(op, "coef_next", coef_next, ref)
     check_in_range(op, "rescale", rescale, 0.0, 1.0)
     if update != "euler":
-        check_in_range(op, "coef_t", coef_t, 0.0, 1.0, low_open=True)
+        # v-prediction is defined at alpha_bar = 0 (zero terminal SNR); epsilon divides by sqrt(alpha_bar).
+        check_in_range(op, "coef_t", coef_t, 0.0, 1.0, low_open=update == "ddim_epsilon")
         check_in_range(op, "coef_next", coef_next, 0.0, 1.0)
     if not use_kernel(ref):
         return reference.cfg_step(sample, uncond, cond, scale, update=update, coef_t=coef_t,

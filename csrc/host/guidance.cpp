@@ -107,8 +107,11 @@ void check_step_coefs(StepUpdate update, double coef_t, double coef_next) {
   check_finite("cfg_step", "coef_t", coef_t);
   check_finite("cfg_step", "coef_next", coef_next);
   if (update == StepUpdate::kEuler) return;
-  TORCH_CHECK(coef_t > 0.0 && coef_t <= 1.0,
-              "ddg.cfg_step: 'coef_t' (alpha_bar at t) must be in (0, 1], got ", coef_t);
+  // v-prediction is defined at alpha_bar = 0 (zero terminal SNR); epsilon divides by sqrt(alpha_bar).
+  const bool zero_ok = update == StepUpdate::kDdimVPrediction;
+  TORCH_CHECK((zero_ok ? coef_t >= 0.0 : coef_t > 0.0) && coef_t <= 1.0,
+              "ddg.cfg_step: 'coef_t' (alpha_bar at t) must be in ", zero_ok ? "[0, 1] for 'ddim_v_prediction'"
+              : "(0, 1] for 'ddim_epsilon'", ", got ", coef_t);
   TORCH_CHECK(coef_next >= 0.0 && coef_next <= 1.0,
               "ddg.cfg_step: 'coef_next' (alpha_bar at the previous timestep) must be in [0, 1], got ",
               coef_next);

@@ -1,0 +1,120 @@
+"""python -m ddg_ops.bench <family> [options]: time each provider on each case, write a CSV, print a table.
+
+A family module defines PROVIDERS, MODES, ORACLE (the provider others are checked against),
+``cases(quick)`` -> [(kernel, shape)], ``min_bytes(kernel, shape, dtype, mode)`` and
+``Case(kernel, shape, dtype, mode, device)`` whose ``step(provider)`` is the call to time.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Dict, Sequence
+
+import torch
+
+from .._ext import STATE as EXTENSION
+from .._ext import use_kernel
+from ._utils import Timing, append_rows, assert_matches, case_rows, copy_ceiling_gbps, environment, \
+    peak_mem_mb, print_table, time_fn
+
+# Family name -> module; a new family is one more entry here.
+FAMILIES = {"guidance": "ddg_ops.bench.guidance"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Seconds of timing per (provider, case): full runs stay under ~15 min on a 2-core CPU,
+# torch.compile warm-ups included; --quick is a CI smoke test.
+MIN_RUN_TIME = {"quick": 0.1, "full": 0.3}
+# The copy ceiling must not fit in any cache (H100 L2: 50 MB; server L3 up to a few hundred MB).
+CEILING_BYTES = {"cpu": 512 * 2**20, "cuda": 2 * 2**30}
+# torch.compile needs a toolchain (a C++ compiler, triton): its failure is a fact about the
+# machine and goes into the row; any other provider failing is a bug and stops the run.
+MAY_FAIL = {"compile"}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ddg_ops.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("family", choices=sorted(FAMILIES))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"])
+    parser.add_argument("--mode", nargs="+", choices=("forward", "full"), default=["forward", "full"],
+                        help="full = forward + backward")
+    parser.add_argument("--out", type=Path, help="CSV path (default bench_results/<family>_<device>.csv)")
+    parser.add_argument("--append", action="store_true", help="add to an existing CSV instead of replacing it")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing (CI smoke test)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave as is)")
+    parser.add_argument("--providers", nargs="+", help="run only these providers")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def _check_providers(parser_providers: Sequence[str] | None, family) -> Sequence[str]:
+    providers = parser_providers or family.PROVIDERS
+    unknown = sorted(set(providers) - set(family.PROVIDERS))
+    if unknown:
+        sys.exit(f"unknown providers {unknown}; this family has {list(family.PROVIDERS)}")
+    return [p for p in family.PROVIDERS if p in providers]
+
+
+def bench_case(case, providers: Sequence[str], oracle: str, dtype: torch.dtype, device: torch.device,
+               min_run_time: float) -> Dict[str, Timing]:
+    """Check every provider against the oracle once (this also warms it up), then time it."""
+    expected = case.step(oracle)()
+    timings = {}
+    for provider in providers:
+        step = case.step(provider)
+        try:
+            got = step()
+        except Exception as exc:  # noqa: BLE001 (recorded in the row; see MAY_FAIL)
+            if provider not in MAY_FAIL:
+                raise
+            print(f"  {provider} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            timings[provider] = Timing(note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
+            continue
+        assert_matches(provider, got, expected, dtype)
+        timings[provider] = Timing(time_fn(step, device, min_run_time), peak_mem_mb(step, device))
+    return timings
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    family = importlib.import_module(FAMILIES[args.family])
+    providers = _check_providers(args.providers, family)
+    device = torch.device(args.device)
+    if "ddg" in providers and not use_kernel(torch.empty(0, device=device)):
+        # Without the extension ddg runs the reference: timing it against itself says nothing.
+        sys.exit(f"ddg kernels unavailable on {device.type}: {EXTENSION.reason}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or Path("bench_results") / f"{args.family}_{args.device}.csv"
+    if not args.append:
+        out.unlink(missing_ok=True)
+    min_run_time = MIN_RUN_TIME["quick" if args.quick else "full"]
+    modes = [m for m in family.MODES if m in args.mode]
+    env = environment(device)
+    ceiling = copy_ceiling_gbps(device, CEILING_BYTES[device.type], min_run_time)
+    print(f"{env['device_name']}, {env['threads']} threads, torch {env['torch_version']}: "
+          f"copy ceiling {ceiling:.1f} GB/s", file=sys.stderr)
+
+    todo = [(kernel, shape, dtype, mode) for kernel, shape in family.cases(args.quick)
+            for dtype in args.dtype for mode in modes]
+    rows = []
+    for i, (kernel, shape, dtype_name, mode) in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {kernel} {mode} {dtype_name} {shape}", file=sys.stderr)
+        dtype = DTYPES[dtype_name]
+        case = family.Case(kernel, shape, dtype, mode, device)
+        timings = bench_case(case, providers, family.ORACLE, dtype, device, min_run_time)
+        meta = {"kernel": kernel, "mode": mode, "dtype": dtype_name, "shape": "x".join(map(str, shape))}
+        nbytes = family.min_bytes(kernel, shape, dtype, mode)
+        case_rows_ = case_rows(meta, timings, family.PROVIDERS, nbytes, ceiling, env)
+        append_rows(out, case_rows_)  # as we go, so an interrupted run keeps what it measured
+        rows += case_rows_
+
+    print_table(rows)
+    print(f"\ncopy ceiling {ceiling:.1f} GB/s on {env['device_name']}; {len(rows)} rows written to {out}")
+
+
+if __name__ == "__main__":
+    main()

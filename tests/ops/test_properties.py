@@ -1,0 +1,60 @@
+"""Hypothesis property tests of the guidance ops over shapes and values."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ddg_ops
+from ddg_ops import reference
+from tests._utils import assert_close, magnitude
+
+pytestmark = pytest.mark.requires_ext
+
+shapes = st.tuples(st.integers(1, 4), st.integers(1, 70), st.integers(1, 9))
+scales = st.floats(-10.0, 10.0, allow_nan=False)
+dtypes = st.sampled_from([torch.float32, torch.float64, torch.bfloat16])
+
+
+def _tensors(shape, dtype, seed, n, spread=1.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=g) * spread + offset).to(dtype) for _ in range(n)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(shape=shapes, dtype=dtypes, scale=scales, rescale=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1),
+       spread=st.floats(1e-3, 1e3), offset=st.floats(-100.0, 100.0))
+def test_cfg_combine_property(shape, dtype, scale, rescale, seed, spread, offset):
+    u, c = _tensors(shape, dtype, seed, 2, spread, offset)
+    out = ddg_ops.cfg_combine(u, c, scale, rescale)
+    expected = reference.cfg_combine(u, c, scale, rescale)
+    assert_close(out, expected, dtype, scale=magnitude(expected) * 10)
+    if rescale == 0.0 and scale == 0.0:
+        assert torch.equal(out, u)  # u + 0 * (c - u) is exactly u
+
+
+@settings(max_examples=150, deadline=None)
+@given(shape=shapes, dtype=dtypes, scale=scales, seed=st.integers(0, 2**31 - 1),
+       update=st.sampled_from(["ddim_epsilon", "ddim_v_prediction", "euler"]),
+       coef_t=st.floats(0.01, 1.0), coef_next=st.floats(0.0, 1.0))
+def test_cfg_step_property(shape, dtype, scale, seed, update, coef_t, coef_next):
+    x, u, c = _tensors(shape, dtype, seed, 3)
+    kw = dict(update=update, coef_t=coef_t, coef_next=coef_next)
+    out = ddg_ops.cfg_step(x, u, c, scale, **kw)
+    expected = reference.cfg_step(x, u, c, scale, **kw)
+    # DDIM's 1/sqrt(alpha_bar) amplifies both sides' rounding: scale atol by it.
+    amplification = 1.0 if update == "euler" else 1.0 / coef_t ** 0.5
+    assert_close(out, expected, dtype, scale=magnitude(expected) * amplification * 10)
+
+
+@settings(max_examples=100, deadline=None)
+@given(shape=shapes, scale=scales, seed=st.integers(0, 2**31 - 1), eps=st.booleans(),
+       alpha_bar=st.floats(0.01, 1.0))
+def test_dmd_grad_property(shape, scale, seed, eps, alpha_bar):
+    x, u, c, f, xt = _tensors(shape, torch.float32, seed, 5)
+    kw = dict(prediction="epsilon", x_t=xt, alpha_bar=alpha_bar) if eps else {}
+    out = ddg_ops.dmd_grad(x, u, c, f, scale, **kw)
+    expected = reference.dmd_grad(x, u, c, f, scale, **kw)
+    assert_close(out.grad, expected.grad, torch.float32, scale=magnitude(expected.grad) * 10)
+    assert_close(out.loss, expected.loss, torch.float32, scale=magnitude(expected.loss) * 10)
+    # The normalisation makes mean|g| per sample equal mean|p_real - p_fake| / mean|p_real|.
+    assert torch.isfinite(out.grad).all()
