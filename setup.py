@@ -6,8 +6,8 @@ Decision (printed, and recorded in ddg_ops/_build_info.json):
   * DDG_FORCE_CUDA=0 always builds CPU only; DDG_FORCE_CUDA=1 fails loudly if CUDA can't be built.
 Toolkit lookup: $CUDA_HOME / $CUDA_PATH, else the toolkit around a real nvcc on PATH, else
 /usr/local/cuda. Other knobs: TORCH_CUDA_ARCH_LIST (default 9.0+PTX without a visible GPU),
-DDG_CPU_CAPABILITY=avx2|default (SIMD level of the CPU kernels; default: what this machine
-supports), DEBUG=1 (-O0 -g), MAX_JOBS (parallel compile jobs).
+DDG_CPU_CAPABILITY=avx512|avx2|default (SIMD level of the CPU kernels; default: the best
+this machine supports), DEBUG=1 (-O0 -g), MAX_JOBS (parallel compile jobs).
 """
 import glob
 import json
@@ -88,15 +88,29 @@ def decide_cuda():
     return True, f"{why}; toolkit {cuda_home} (found by {found_by}), nvcc {version}", cuda_home, version
 
 
+# SIMD levels of the CPU kernels, best first: the /proc/cpuinfo flags each needs and the
+# compiler flags that select at::vec's specialisations for it (torch builds its own kernels
+# the same way; without the macros at::vec falls back to generic array loops).
+CPU_CAPABILITIES = {
+    "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]),
+    "avx2": ({"avx2", "fma", "f16c"}, ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]),
+    "default": (set(), []),
+}
+
+
 def cpu_capability():
     wanted = os.environ.get("DDG_CPU_CAPABILITY")
-    if wanted in ("avx2", "default"):
+    if wanted:
+        if wanted not in CPU_CAPABILITIES:
+            raise SystemExit(f"[ddg setup] DDG_CPU_CAPABILITY must be one of {sorted(CPU_CAPABILITIES)}, got {wanted!r}")
         return wanted
     try:
         flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
     except (OSError, AttributeError):
         return "default"
-    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "default"
+    return next(name for name, (needs, _) in CPU_CAPABILITIES.items() if needs <= flags)
 
 
 def nvidia_pip_includes():
@@ -121,11 +135,10 @@ def extensions():
 
     debug = os.environ.get("DEBUG") == "1"
     capability = cpu_capability()
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
-    if capability == "avx2":
-        # at::vec picks its AVX2 specialisations from these macros (torch compiles its own
-        # kernels the same way); without them it falls back to generic array loops.
-        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    # -fopenmp: at::parallel_for is inline code around `#pragma omp parallel`; without the
+    # flag the pragma is ignored and every CPU kernel runs on one thread.
+    cxx = (["-O0", "-g"] if debug else ["-O3"]) + ["-fopenmp"] + CPU_CAPABILITIES[capability][1]
+    link = ["-fopenmp"]
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for sub in ("host", "cpu") for p in (ROOT / "csrc" / sub).glob("*.cpp"))
     info = {
@@ -148,9 +161,9 @@ def extensions():
         nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--generate-line-info"]
         ext = CUDAExtension(
             "ddg_ops._C", sources, include_dirs=nvidia_pip_includes(),
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc + ["--expt-relaxed-constexpr"]})
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc + ["--expt-relaxed-constexpr"]}, extra_link_args=link)
     else:
-        ext = CppExtension("ddg_ops._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("ddg_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     log(f"building {' + '.join(info['backends'])}: {reason}")
     log(f"torch {torch.__version__} (CUDA {torch.version.cuda}), arch list {info['cuda_arch_list']}, "
         f"CPU SIMD {capability}")

@@ -1,7 +1,6 @@
 // CPU loops of the guidance ops: at::parallel_for over samples/chunks, at::vec SIMD in
 // the accumulation type with a scalar tail. All arithmetic comes from
 // csrc/common/guidance_math.h and csrc/common/welford.h.
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "../common/guidance_math.h"
@@ -302,32 +301,10 @@ void dmd_backward_typed(const at::Tensor& grad_loss, const at::Tensor& grad, at:
   });
 }
 
-#define DDG_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
-void cfg_forward(const CfgCall& call, at::Tensor& out, at::Tensor& stats) {
-  DDG_DISPATCH(out.scalar_type(), "ddg.cfg_forward", [&] { cfg_forward_typed<scalar_t>(call, out, stats); });
-}
-
-void cfg_backward(const CfgCall& call, const at::Tensor& grad_out, const at::Tensor& stats,
-                  at::Tensor& grad_sample, at::Tensor& grad_uncond, at::Tensor& grad_cond) {
-  DDG_DISPATCH(grad_uncond.scalar_type(), "ddg.cfg_backward", [&] {
-    cfg_backward_typed<scalar_t>(call, grad_out, stats, grad_sample, grad_uncond, grad_cond);
-  });
-}
-
-void dmd_forward(const DmdCall& call, at::Tensor& grad, at::Tensor& denom, at::Tensor& loss) {
-  DDG_DISPATCH(call.x.scalar_type(), "ddg.dmd_forward", [&] { dmd_forward_typed<scalar_t>(call, grad, denom, loss); });
-}
-
-void dmd_backward(const at::Tensor& grad_loss, const at::Tensor& grad, at::Tensor& out) {
-  DDG_DISPATCH(out.scalar_type(), "ddg.dmd_backward", [&] { dmd_backward_typed<scalar_t>(grad_loss, grad, out); });
-}
-
 }  // namespace
 
-const GuidanceKernels kCpuGuidanceKernels{cfg_forward, cfg_backward, dmd_forward, dmd_backward};
+DDG_GUIDANCE_LOOPS(CpuLoops);
 
 }  // namespace ddg::cpu
 
-TORCH_LIBRARY_IMPL(ddg, CPU, m) { ddg::register_guidance_ops<ddg::cpu::kCpuGuidanceKernels>(m); }
+TORCH_LIBRARY_IMPL(ddg, CPU, m) { ddg::register_guidance_ops<ddg::cpu::CpuLoops>(m); }

@@ -52,6 +52,25 @@ __device__ __forceinline__ ChunkRange block_chunk(int64_t per_sample, int64_t ch
   return r;
 }
 
+// Grid-stride loop over VEC-element packs of a flat, sample-major array. A pack inside one
+// sample goes to pack_fn(sample, first_index) (vectorized); a pack that straddles a sample
+// boundary or the end goes element by element to element_fn(sample, index).
+template <int VEC, typename PackFn, typename ElementFn>
+__device__ __forceinline__ void for_each_pack(int64_t numel, int64_t per_sample, const PackFn& pack_fn,
+                                              const ElementFn& element_fn) {
+  const int64_t packs = (numel + VEC - 1) / VEC;
+  for (int64_t pk = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pk < packs;
+       pk += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i0 = pk * VEC;
+    const int64_t b0 = i0 / per_sample;
+    if (i0 + VEC <= numel && (i0 + VEC - 1) / per_sample == b0) {
+      pack_fn(b0, i0);
+    } else {
+      for (int64_t i = i0; i < min(i0 + VEC, numel); ++i) element_fn(i / per_sample, i);
+    }
+  }
+}
+
 struct SumOp {
   template <typename T>
   __device__ __forceinline__ T operator()(const T& a, const T& b) const {

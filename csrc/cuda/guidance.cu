@@ -3,7 +3,6 @@
 // (sample, chunk) with a CUB block reduction, then a finalize kernel that merges the
 // chunk partials of each sample in order (deterministic). All arithmetic comes from
 // csrc/common/guidance_math.h and csrc/common/welford.h, which the CPU tests cover.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
@@ -44,30 +43,25 @@ __global__ void cfg_forward_kernel(CfgParams<acc_t> p, const scalar_t* __restric
     const acc_t guided = cfg_value(uv, cv, k.scale);
     return HAS_SAMPLE ? step_value(xv, guided, k.a, k.b) : k.b * guided;
   };
-  const int64_t packs = (numel + VEC - 1) / VEC;
-  for (int64_t pk = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pk < packs;
-       pk += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i0 = pk * VEC;
-    const int64_t b0 = i0 / p.per_sample;
-    if (i0 + VEC <= numel && (i0 + VEC - 1) / p.per_sample == b0) {
-      const ForwardCoefs<acc_t> k = forward_coefs(p, multiplier, b0);
-      const P up = *reinterpret_cast<const P*>(u + i0);
-      const P cp = *reinterpret_cast<const P*>(c + i0);
-      P xp, op;
-      if (HAS_SAMPLE) xp = *reinterpret_cast<const P*>(x + i0);
+  for_each_pack<VEC>(
+      numel, p.per_sample,
+      [&](int64_t b, int64_t i0) {
+        const ForwardCoefs<acc_t> k = forward_coefs(p, multiplier, b);
+        const P up = *reinterpret_cast<const P*>(u + i0);
+        const P cp = *reinterpret_cast<const P*>(c + i0);
+        P xp, op;
+        if (HAS_SAMPLE) xp = *reinterpret_cast<const P*>(x + i0);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j)
-        op.v[j] = static_cast<scalar_t>(element(k, static_cast<acc_t>(up.v[j]), static_cast<acc_t>(cp.v[j]),
-                                                HAS_SAMPLE ? static_cast<acc_t>(xp.v[j]) : acc_t(0)));
-      *reinterpret_cast<P*>(out + i0) = op;
-    } else {
-      for (int64_t i = i0; i < min(i0 + VEC, numel); ++i) {
-        const ForwardCoefs<acc_t> k = forward_coefs(p, multiplier, i / p.per_sample);
-        out[i] = static_cast<scalar_t>(element(k, static_cast<acc_t>(u[i]), static_cast<acc_t>(c[i]),
+        for (int j = 0; j < VEC; ++j)
+          op.v[j] = static_cast<scalar_t>(element(k, static_cast<acc_t>(up.v[j]), static_cast<acc_t>(cp.v[j]),
+                                                  HAS_SAMPLE ? static_cast<acc_t>(xp.v[j]) : acc_t(0)));
+        *reinterpret_cast<P*>(out + i0) = op;
+      },
+      [&](int64_t b, int64_t i) {
+        out[i] = static_cast<scalar_t>(element(forward_coefs(p, multiplier, b), static_cast<acc_t>(u[i]),
+                                               static_cast<acc_t>(c[i]),
                                                HAS_SAMPLE ? static_cast<acc_t>(x[i]) : acc_t(0)));
-      }
-    }
-  }
+      });
 }
 
 template <typename acc_t>
@@ -179,45 +173,40 @@ __global__ void cfg_backward_kernel(CfgParams<acc_t> p, const scalar_t* __restri
     cfg_backward_value<acc_t>(k.b * g, guided, RESCALED ? cv : acc_t(0), k.s, acc_t(1), k.m, k.cg,
                               k.mg, k.cc, k.mc, du, dc);
   };
-  const int64_t packs = (numel + VEC - 1) / VEC;
-  for (int64_t pk = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pk < packs;
-       pk += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i0 = pk * VEC;
-    const int64_t b0 = i0 / p.per_sample;
-    if (i0 + VEC <= numel && (i0 + VEC - 1) / p.per_sample == b0) {
-      const Coefs k = coefs_of(b0);
-      const P gp = *reinterpret_cast<const P*>(go + i0);
-      P up, cp, dup, dcp, dxp;
-      if (RESCALED) {
-        up = *reinterpret_cast<const P*>(u + i0);
-        cp = *reinterpret_cast<const P*>(c + i0);
-      }
+  for_each_pack<VEC>(
+      numel, p.per_sample,
+      [&](int64_t b, int64_t i0) {
+        const Coefs k = coefs_of(b);
+        const P gp = *reinterpret_cast<const P*>(go + i0);
+        P up, cp, dup, dcp, dxp;
+        if (RESCALED) {
+          up = *reinterpret_cast<const P*>(u + i0);
+          cp = *reinterpret_cast<const P*>(c + i0);
+        }
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        acc_t du, dc;
-        const acc_t g = static_cast<acc_t>(gp.v[j]);
-        element(k, g, RESCALED ? static_cast<acc_t>(up.v[j]) : acc_t(0),
-                RESCALED ? static_cast<acc_t>(cp.v[j]) : acc_t(0), du, dc);
-        dup.v[j] = static_cast<scalar_t>(du);
-        dcp.v[j] = static_cast<scalar_t>(dc);
-        if (SAMPLE_GRAD) dxp.v[j] = static_cast<scalar_t>(k.a * g);
-      }
-      *reinterpret_cast<P*>(gu + i0) = dup;
-      *reinterpret_cast<P*>(gc + i0) = dcp;
-      if (SAMPLE_GRAD) *reinterpret_cast<P*>(gx + i0) = dxp;
-    } else {
-      for (int64_t i = i0; i < min(i0 + VEC, numel); ++i) {
-        const Coefs k = coefs_of(i / p.per_sample);
+        for (int j = 0; j < VEC; ++j) {
+          acc_t du, dc;
+          const acc_t g = static_cast<acc_t>(gp.v[j]);
+          element(k, g, RESCALED ? static_cast<acc_t>(up.v[j]) : acc_t(0),
+                  RESCALED ? static_cast<acc_t>(cp.v[j]) : acc_t(0), du, dc);
+          dup.v[j] = static_cast<scalar_t>(du);
+          dcp.v[j] = static_cast<scalar_t>(dc);
+          if (SAMPLE_GRAD) dxp.v[j] = static_cast<scalar_t>(k.a * g);
+        }
+        *reinterpret_cast<P*>(gu + i0) = dup;
+        *reinterpret_cast<P*>(gc + i0) = dcp;
+        if (SAMPLE_GRAD) *reinterpret_cast<P*>(gx + i0) = dxp;
+      },
+      [&](int64_t b, int64_t i) {
+        const Coefs k = coefs_of(b);
         acc_t du, dc;
         const acc_t g = static_cast<acc_t>(go[i]);
-        element(k, g, RESCALED ? static_cast<acc_t>(u[i]) : acc_t(0),
-                RESCALED ? static_cast<acc_t>(c[i]) : acc_t(0), du, dc);
+        element(k, g, RESCALED ? static_cast<acc_t>(u[i]) : acc_t(0), RESCALED ? static_cast<acc_t>(c[i]) : acc_t(0),
+                du, dc);
         gu[i] = static_cast<scalar_t>(du);
         gc[i] = static_cast<scalar_t>(dc);
         if (SAMPLE_GRAD) gx[i] = static_cast<scalar_t>(k.a * g);
-      }
-    }
-  }
+      });
 }
 
 // ---------------------------------------------------------------- DMD gradient
@@ -302,26 +291,20 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void dmd_backward_kernel(const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ g,
                                     scalar_t* __restrict__ out, int64_t numel) {
   const acc_t k = *grad_loss / acc_t(numel);
-  const int64_t packs = (numel + VEC - 1) / VEC;
-  for (int64_t pk = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pk < packs;
-       pk += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i0 = pk * VEC;
-    if (i0 + VEC <= numel) {
-      const Pack<acc_t, VEC> gp = *reinterpret_cast<const Pack<acc_t, VEC>*>(g + i0);
-      Pack<scalar_t, VEC> op;
+  // One "sample" spanning everything: only the end of the array takes the scalar path.
+  for_each_pack<VEC>(
+      numel, numel,
+      [&](int64_t, int64_t i0) {
+        const Pack<acc_t, VEC> gp = *reinterpret_cast<const Pack<acc_t, VEC>*>(g + i0);
+        Pack<scalar_t, VEC> op;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) op.v[j] = static_cast<scalar_t>(k * gp.v[j]);
-      *reinterpret_cast<Pack<scalar_t, VEC>*>(out + i0) = op;
-    } else {
-      for (int64_t i = i0; i < numel; ++i) out[i] = static_cast<scalar_t>(k * g[i]);
-    }
-  }
+        for (int j = 0; j < VEC; ++j) op.v[j] = static_cast<scalar_t>(k * gp.v[j]);
+        *reinterpret_cast<Pack<scalar_t, VEC>*>(out + i0) = op;
+      },
+      [&](int64_t, int64_t i) { out[i] = static_cast<scalar_t>(k * g[i]); });
 }
 
 // ---------------------------------------------------------------- launchers
-
-#define DDG_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 // Calls fn(std::integral_constant<int, VEC>) with the widest vector all pointers allow.
 template <typename scalar_t, typename Fn>
@@ -476,29 +459,10 @@ void dmd_backward_typed(const at::Tensor& grad_loss, const at::Tensor& grad, at:
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void cfg_forward(const CfgCall& call, at::Tensor& out, at::Tensor& stats) {
-  DDG_DISPATCH(out.scalar_type(), "ddg.cfg_forward_cuda", [&] { cfg_forward_typed<scalar_t>(call, out, stats); });
-}
-
-void cfg_backward(const CfgCall& call, const at::Tensor& grad_out, const at::Tensor& stats,
-                  at::Tensor& grad_sample, at::Tensor& grad_uncond, at::Tensor& grad_cond) {
-  DDG_DISPATCH(grad_uncond.scalar_type(), "ddg.cfg_backward_cuda", [&] {
-    cfg_backward_typed<scalar_t>(call, grad_out, stats, grad_sample, grad_uncond, grad_cond);
-  });
-}
-
-void dmd_forward(const DmdCall& call, at::Tensor& grad, at::Tensor& denom, at::Tensor& loss) {
-  DDG_DISPATCH(call.x.scalar_type(), "ddg.dmd_forward_cuda", [&] { dmd_forward_typed<scalar_t>(call, grad, denom, loss); });
-}
-
-void dmd_backward(const at::Tensor& grad_loss, const at::Tensor& grad, at::Tensor& out) {
-  DDG_DISPATCH(out.scalar_type(), "ddg.dmd_backward_cuda", [&] { dmd_backward_typed<scalar_t>(grad_loss, grad, out); });
-}
-
 }  // namespace
 
-const GuidanceKernels kCudaGuidanceKernels{cfg_forward, cfg_backward, dmd_forward, dmd_backward};
+DDG_GUIDANCE_LOOPS(CudaLoops);
 
 }  // namespace ddg::cuda
 
-TORCH_LIBRARY_IMPL(ddg, CUDA, m) { ddg::register_guidance_ops<ddg::cuda::kCudaGuidanceKernels>(m); }
+TORCH_LIBRARY_IMPL(ddg, CUDA, m) { ddg::register_guidance_ops<ddg::cuda::CudaLoops>(m); }

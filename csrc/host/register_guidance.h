@@ -2,49 +2,95 @@
 // Included by csrc/cpu/guidance.cpp and csrc/cuda/guidance.cu inside TORCH_LIBRARY_IMPL.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
+
+#include <utility>
 
 #include "guidance.h"
 
 namespace ddg {
 
-template <const GuidanceKernels& K>
+#define DDG_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// The dtype-dispatched entry points of a backend whose typed loops are the static member
+// templates Loops::cfg_forward<scalar_t>, cfg_backward, dmd_forward and dmd_backward.
+template <class Loops>
+const GuidanceKernels& guidance_kernels() {
+  static const GuidanceKernels kernels{
+      [](const CfgCall& call, at::Tensor& out, at::Tensor& stats) {
+        DDG_DISPATCH_FLOATING(out.scalar_type(), "ddg.cfg_forward",
+                              [&] { Loops::template cfg_forward<scalar_t>(call, out, stats); });
+      },
+      [](const CfgCall& call, const at::Tensor& grad_out, const at::Tensor& stats, at::Tensor& grad_sample,
+         at::Tensor& grad_uncond, at::Tensor& grad_cond) {
+        DDG_DISPATCH_FLOATING(grad_uncond.scalar_type(), "ddg.cfg_backward", [&] {
+          Loops::template cfg_backward<scalar_t>(call, grad_out, stats, grad_sample, grad_uncond, grad_cond);
+        });
+      },
+      [](const DmdCall& call, at::Tensor& grad, at::Tensor& denom, at::Tensor& loss) {
+        DDG_DISPATCH_FLOATING(call.x.scalar_type(), "ddg.dmd_forward",
+                              [&] { Loops::template dmd_forward<scalar_t>(call, grad, denom, loss); });
+      },
+      [](const at::Tensor& grad_loss, const at::Tensor& grad, at::Tensor& out) {
+        DDG_DISPATCH_FLOATING(out.scalar_type(), "ddg.dmd_backward",
+                              [&] { Loops::template dmd_backward<scalar_t>(grad_loss, grad, out); });
+      }};
+  return kernels;
+}
+
+// Declares the Loops struct of a backend from its typed loop functions cfg_forward_typed,
+// cfg_backward_typed, dmd_forward_typed and dmd_backward_typed (templates on scalar_t).
+#define DDG_GUIDANCE_LOOPS(NAME)                                                                       \
+  struct NAME {                                                                                        \
+    template <typename scalar_t, typename... Args>                                                     \
+    static void cfg_forward(Args&&... a) { cfg_forward_typed<scalar_t>(std::forward<Args>(a)...); }    \
+    template <typename scalar_t, typename... Args>                                                     \
+    static void cfg_backward(Args&&... a) { cfg_backward_typed<scalar_t>(std::forward<Args>(a)...); }  \
+    template <typename scalar_t, typename... Args>                                                     \
+    static void dmd_forward(Args&&... a) { dmd_forward_typed<scalar_t>(std::forward<Args>(a)...); }    \
+    template <typename scalar_t, typename... Args>                                                     \
+    static void dmd_backward(Args&&... a) { dmd_backward_typed<scalar_t>(std::forward<Args>(a)...); }  \
+  }
+
+template <class Loops>
 void register_guidance_ops(torch::Library& m) {
   using at::Tensor;
   using OptTensor = std::optional<Tensor>;
   m.impl("cfg_combine", [](const Tensor& uncond, const Tensor& cond, double scale,
                            const OptTensor& scale_ps, double rescale) {
-    return cfg_combine_op(K, uncond, cond, scale, scale_ps, rescale);
+    return cfg_combine_op(guidance_kernels<Loops>(), uncond, cond, scale, scale_ps, rescale);
   });
   m.impl("cfg_combine_backward",
          [](const Tensor& grad_out, const Tensor& uncond, const Tensor& cond, double scale,
             const OptTensor& scale_ps, double rescale, const Tensor& stats) {
-           return cfg_combine_backward_op(K, grad_out, uncond, cond, scale, scale_ps, rescale,
+           return cfg_combine_backward_op(guidance_kernels<Loops>(), grad_out, uncond, cond, scale, scale_ps, rescale,
                                           stats);
          });
   m.impl("cfg_step", [](const Tensor& sample, const Tensor& uncond, const Tensor& cond,
                         double scale, const OptTensor& scale_ps, double rescale,
                         c10::string_view update, double coef_t, double coef_next,
                         const OptTensor& coef_ps) {
-    return cfg_step_op(K, sample, uncond, cond, scale, scale_ps, rescale, update, coef_t,
+    return cfg_step_op(guidance_kernels<Loops>(), sample, uncond, cond, scale, scale_ps, rescale, update, coef_t,
                        coef_next, coef_ps);
   });
   m.impl("cfg_step_backward",
          [](const Tensor& grad_out, const Tensor& uncond, const Tensor& cond, double scale,
             const OptTensor& scale_ps, double rescale, c10::string_view update, double coef_t,
             double coef_next, const OptTensor& coef_ps, const Tensor& stats) {
-           return cfg_step_backward_op(K, grad_out, uncond, cond, scale, scale_ps, rescale,
+           return cfg_step_backward_op(guidance_kernels<Loops>(), grad_out, uncond, cond, scale, scale_ps, rescale,
                                        update, coef_t, coef_next, coef_ps, stats);
          });
   m.impl("dmd_grad", [](const Tensor& x, const Tensor& uncond, const Tensor& cond,
                         const Tensor& fake, double scale, const OptTensor& scale_ps,
                         c10::string_view prediction, const OptTensor& x_t,
                         const OptTensor& alpha_bar) {
-    return dmd_grad_op(K, x, uncond, cond, fake, scale, scale_ps, prediction, x_t, alpha_bar);
+    return dmd_grad_op(guidance_kernels<Loops>(), x, uncond, cond, fake, scale, scale_ps, prediction, x_t, alpha_bar);
   });
   m.impl("dmd_grad_backward",
          [](const Tensor& grad_loss, const Tensor& grad, at::ScalarType dtype) {
-           return dmd_grad_backward_op(K, grad_loss, grad, dtype);
+           return dmd_grad_backward_op(guidance_kernels<Loops>(), grad_loss, grad, dtype);
          });
 }
 

@@ -2,7 +2,8 @@
 
 A family module defines PROVIDERS, MODES, ORACLE (the provider others are checked against),
 ``cases(quick)`` -> [(kernel, shape)], ``min_bytes(kernel, shape, dtype, mode)`` and
-``Case(kernel, shape, dtype, mode, device)`` whose ``step(provider)`` is the call to time.
+``Case(kernel, shape, dtype, mode, device)`` whose ``step(provider)`` is the call to time and
+``results(output)`` the tensors (outputs, gradients) that a step computed.
 """
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ from typing import Dict, Sequence
 
 import torch
 
-from .._ext import STATE as EXTENSION
-from .._ext import use_kernel
-from ._utils import Timing, append_rows, assert_matches, case_rows, copy_ceiling_gbps, environment, \
-    peak_mem_mb, print_table, time_fn
+from .._ext import STATE as EXTENSION, use_kernel
+from ._utils import (Timing, append_rows, assert_matches, case_rows, copy_ceiling_gbps, environment, peak_mem_mb,
+                     print_table, time_fn)
 
 # Family name -> module; a new family is one more entry here.
 FAMILIES = {"guidance": "ddg_ops.bench.guidance"}
@@ -50,28 +50,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _check_providers(parser_providers: Sequence[str] | None, family) -> Sequence[str]:
-    providers = parser_providers or family.PROVIDERS
-    unknown = sorted(set(providers) - set(family.PROVIDERS))
+def _select_providers(requested: Sequence[str] | None, family) -> Sequence[str]:
+    """--providers validated against the family, in the family's order."""
+    unknown = sorted(set(requested or ()) - set(family.PROVIDERS))
     if unknown:
         sys.exit(f"unknown providers {unknown}; this family has {list(family.PROVIDERS)}")
-    return [p for p in family.PROVIDERS if p in providers]
+    return [p for p in family.PROVIDERS if not requested or p in requested]
 
 
 def bench_case(case, providers: Sequence[str], oracle: str, dtype: torch.dtype, device: torch.device,
                min_run_time: float) -> Dict[str, Timing]:
     """Check every provider against the oracle once (this also warms it up), then time it."""
-    expected = case.step(oracle)()
+    expected = case.results(case.step(oracle)())
     timings = {}
     for provider in providers:
-        step = case.step(provider)
         try:
-            got = step()
+            step = case.step(provider)
+            got = case.results(step())
         except Exception as exc:  # noqa: BLE001 (recorded in the row; see MAY_FAIL)
             if provider not in MAY_FAIL:
                 raise
-            print(f"  {provider} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            timings[provider] = Timing(note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
+            note = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:150]}"
+            print(f"  {provider} failed: {note}", file=sys.stderr)
+            timings[provider] = Timing(note=note)
             continue
         assert_matches(provider, got, expected, dtype)
         timings[provider] = Timing(time_fn(step, device, min_run_time), peak_mem_mb(step, device))
@@ -81,7 +82,7 @@ def bench_case(case, providers: Sequence[str], oracle: str, dtype: torch.dtype, 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     family = importlib.import_module(FAMILIES[args.family])
-    providers = _check_providers(args.providers, family)
+    providers = _select_providers(args.providers, family)
     device = torch.device(args.device)
     if "ddg" in providers and not use_kernel(torch.empty(0, device=device)):
         # Without the extension ddg runs the reference: timing it against itself says nothing.
@@ -108,9 +109,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         timings = bench_case(case, providers, family.ORACLE, dtype, device, min_run_time)
         meta = {"kernel": kernel, "mode": mode, "dtype": dtype_name, "shape": "x".join(map(str, shape))}
         nbytes = family.min_bytes(kernel, shape, dtype, mode)
-        case_rows_ = case_rows(meta, timings, family.PROVIDERS, nbytes, ceiling, env)
-        append_rows(out, case_rows_)  # as we go, so an interrupted run keeps what it measured
-        rows += case_rows_
+        new_rows = case_rows(meta, timings, family.PROVIDERS, nbytes, ceiling, env)
+        append_rows(out, new_rows)  # as we go, so an interrupted run keeps what it measured
+        rows += new_rows
 
     print_table(rows)
     print(f"\ncopy ceiling {ceiling:.1f} GB/s on {env['device_name']}; {len(rows)} rows written to {out}")
