@@ -78,7 +78,7 @@ void cfg_forward_typed(const CfgCall& call, at::Tensor& out, at::Tensor& stats) 
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
 
   std::vector<acc_t> multiplier(p.batch, acc_t(1));
-  if (p.rescale != acc_t(0)) {
+  if (call.rescale != 0.0) {
     const auto st = guided_cond_stats<scalar_t>(p, u, c);
     acc_t* sp = stats.mutable_data_ptr<acc_t>();
     for (int64_t b = 0; b < p.batch; ++b) {
@@ -127,7 +127,7 @@ void cfg_backward_typed(const CfgCall& call, const at::Tensor& grad_out, const a
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   const CfgParams<acc_t> p = cfg_params<acc_t>(call);
-  const bool rescaled = p.rescale != acc_t(0);
+  const bool rescaled = call.rescale != 0.0;
   const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
   const scalar_t* u = call.uncond.const_data_ptr<scalar_t>();
   const scalar_t* c = call.cond.const_data_ptr<scalar_t>();

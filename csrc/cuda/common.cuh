@@ -8,11 +8,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 namespace ddg::cuda {
 
 constexpr int kThreads = 256;
-// Reduction kernels give each block one chunk of one sample: grid = (chunks, batch).
+// Reduction kernels give each block one chunk of one sample: a 1-D grid of batch * chunks blocks.
 constexpr int64_t kReduceChunk = 8192;
 
 template <typename T, int N>
@@ -32,6 +33,13 @@ int vector_width(std::initializer_list<const void*> ptrs) {
 inline int64_t elementwise_blocks(int64_t work_items) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   return std::max<int64_t>(1, std::min<int64_t>((work_items + kThreads - 1) / kThreads, sms * 16));
+}
+
+// Grid size of a reduction launch; dim3 would silently truncate an int64 block count.
+inline unsigned reduction_grid(int64_t blocks) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "ddg: ", blocks,
+              " (sample, chunk) blocks exceed the CUDA grid limit; split the batch");
+  return static_cast<unsigned>(blocks);
 }
 
 inline int64_t chunks_per_sample(int64_t per_sample) {
@@ -78,6 +86,8 @@ struct SumOp {
   }
 };
 
+// The scratch storage is one static __shared__ array per (T, Op) instantiation: a kernel may
+// call each instantiation once (every kernel here does), or needs a __syncthreads() between calls.
 template <typename T, typename Op>
 __device__ __forceinline__ T block_reduce(T value, Op op) {
   using BlockReduce = cub::BlockReduce<T, kThreads>;

@@ -340,7 +340,7 @@ void cfg_forward_typed(const CfgCall& call, at::Tensor& out, at::Tensor& stats) 
     at::Tensor partials = at::empty({p.batch * chunks * int64_t(sizeof(GuidedCondState<acc_t>))},
                                     out.options().dtype(at::kByte));
     auto* part = reinterpret_cast<GuidedCondState<acc_t>*>(partials.mutable_data_ptr());
-    guided_cond_partials_kernel<scalar_t, acc_t><<<p.batch * chunks, kThreads, 0, stream>>>(p, chunks, u, c, part);
+    guided_cond_partials_kernel<scalar_t, acc_t><<<reduction_grid(p.batch * chunks), kThreads, 0, stream>>>(p, chunks, u, c, part);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     multiplier = at::empty({p.batch}, stats.options());
     rescale_finalize_kernel<acc_t><<<elementwise_blocks(p.batch), kThreads, 0, stream>>>(
@@ -379,7 +379,7 @@ void cfg_backward_typed(const CfgCall& call, const at::Tensor& grad_out, const a
   if (rescaled) {
     const int64_t chunks = chunks_per_sample(p.per_sample);
     at::Tensor partials = at::empty({p.batch * chunks}, stats.options());
-    guided_dot_partials_kernel<scalar_t, acc_t><<<p.batch * chunks, kThreads, 0, stream>>>(
+    guided_dot_partials_kernel<scalar_t, acc_t><<<reduction_grid(p.batch * chunks), kThreads, 0, stream>>>(
         p, chunks, go, u, c, partials.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     coefs = at::empty({p.batch, kGradCoefs}, stats.options());
@@ -389,7 +389,8 @@ void cfg_backward_typed(const CfgCall& call, const at::Tensor& grad_out, const a
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const acc_t* cf = coefs.defined() ? coefs.const_data_ptr<acc_t>() : nullptr;
-  with_vector_width<scalar_t>({go, u, c, gx, gu, gc}, [&](auto vec) {
+  // uncond/cond are only read with rescale, so only then does their alignment matter.
+  with_vector_width<scalar_t>({go, rescaled ? u : nullptr, rescaled ? c : nullptr, gx, gu, gc}, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     with_bool(rescaled, [&](auto r) {
       with_bool(gx != nullptr, [&](auto sg) {
@@ -425,12 +426,12 @@ void dmd_forward_typed(const DmdCall& call, at::Tensor& grad, at::Tensor& denom,
   acc_t* sq_part = abs_part + blocks;
   with_bool(eps, [&](auto e) {
     constexpr bool EPS = decltype(e)::value;
-    dmd_abs_partials_kernel<scalar_t, acc_t, EPS><<<blocks, kThreads, 0, stream>>>(p, x, xt, u, c, abs_part);
+    dmd_abs_partials_kernel<scalar_t, acc_t, EPS><<<reduction_grid(blocks), kThreads, 0, stream>>>(p, x, xt, u, c, abs_part);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dmd_denominator_kernel<acc_t><<<elementwise_blocks(p.batch), kThreads, 0, stream>>>(
         p, abs_part, denom.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dmd_grad_kernel<scalar_t, acc_t, EPS><<<blocks, kThreads, 0, stream>>>(
+    dmd_grad_kernel<scalar_t, acc_t, EPS><<<reduction_grid(blocks), kThreads, 0, stream>>>(
         p, u, c, f, denom.const_data_ptr<acc_t>(), grad.mutable_data_ptr<acc_t>(), sq_part);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
