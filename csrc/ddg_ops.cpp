@@ -42,4 +42,10 @@ TORCH_LIBRARY(ddg, m) {
       "-> (Tensor grad, Tensor denom, Tensor loss)");
   // d(loss)/dx = grad_loss * grad / numel, in `dtype` (the dtype of x).
   m.def("dmd_grad_backward(Tensor grad_loss, Tensor grad, ScalarType dtype) -> Tensor");
+
+  // ---- bn_stats family (specs/ddis.md §4): per-channel batch mean and biased variance of an
+  // [N, C, *] feature map (fp32, fp64 for fp64) in one Welford/Chan pass; the backward is one
+  // elementwise pass dx = grad_mean/M + 2 grad_var (x - mean)/M.
+  m.def("bn_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  m.def("bn_stats_backward(Tensor grad_mean, Tensor grad_var, Tensor x, Tensor mean) -> Tensor");
 }

@@ -68,8 +68,20 @@ def _dmd_grad_backward(ctx, _grad_grad, _grad_denom, grad_loss):
     return grad_x, None, None, None, None, None, None, None, None
 
 
+# ---------------------------------------------------------------- bn_stats
+
+def _bn_stats_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[0])
+
+
+def _bn_stats_backward(ctx, grad_mean, grad_var):
+    x, mean = ctx.saved_tensors
+    return torch.ops.ddg.bn_stats_backward(grad_mean, grad_var, x, mean)
+
+
+torch.library.register_autograd("ddg::bn_stats", _bn_stats_backward, setup_context=_bn_stats_setup)
 torch.library.register_autograd("ddg::cfg_combine", _cfg_combine_backward, setup_context=_cfg_combine_setup)
 torch.library.register_autograd("ddg::cfg_step", _cfg_step_backward, setup_context=_cfg_step_setup)
 torch.library.register_autograd("ddg::dmd_grad", _dmd_grad_backward, setup_context=_dmd_grad_setup)
-for _op in ("cfg_combine_backward", "cfg_step_backward", "dmd_grad_backward"):
+for _op in ("cfg_combine_backward", "cfg_step_backward", "dmd_grad_backward", "bn_stats_backward"):
     torch.library.register_autograd(f"ddg::{_op}", _no_double_backward(_op))

@@ -57,3 +57,15 @@ def _dmd_grad(x, uncond, cond, fake, scale, scale_per_sample, prediction, x_t, a
 @torch.library.register_fake("ddg::dmd_grad_backward")
 def _dmd_grad_backward(grad_loss, grad, dtype):
     return torch.empty_like(grad, dtype=dtype)
+
+
+@torch.library.register_fake("ddg::bn_stats")
+def _bn_stats(x):
+    torch._check(x.dim() >= 2, lambda: f"ddg.bn_stats: 'x' must be at least 2-D, got {x.dim()}-D")
+    acc = opmath_dtype(x.dtype)
+    return x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
+
+
+@torch.library.register_fake("ddg::bn_stats_backward")
+def _bn_stats_backward(grad_mean, grad_var, x, mean):
+    return torch.empty_like(x)

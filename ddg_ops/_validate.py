@@ -58,6 +58,14 @@ def check_per_sample(op: str, name: str, value, ref: torch.Tensor) -> None:
         raise TypeError(f"ddg.{op}: '{name}' must be a number or a tensor, got {type(value).__name__}")
 
 
+def check_number(op: str, name: str, value) -> None:
+    """A finite real number (not a tensor)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"ddg.{op}: '{name}' must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"ddg.{op}: '{name}' must be finite, got {value}")
+
+
 def check_in_range(op: str, name: str, value, low: float, high: float, low_open: bool = False) -> None:
     """Range check for plain numbers (per-sample tensors are not synchronised to the host)."""
     if isinstance(value, torch.Tensor):

@@ -9,7 +9,7 @@ import torch
 
 import ddg_ops
 
-OPS = ("cfg_combine", "cfg_step", "dmd_grad")
+OPS = ("cfg_combine", "cfg_step", "dmd_grad", "bn_stats")
 
 
 def _backend(op: str, device_type: str) -> str:

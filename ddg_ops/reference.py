@@ -7,13 +7,19 @@ Scalars (`scale`, step coefficients, `alpha_bar`) are Python floats or [B] tenso
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
 from ._types import opmath_dtype, per_sample
 
 Scalar = Union[float, torch.Tensor]
+
+
+class BNStatsLossOutput(NamedTuple):
+    loss: torch.Tensor  # weight * R, fp32 (fp64 for fp64 inputs)
+    mean: torch.Tensor  # per-channel batch mean [C]
+    var: torch.Tensor   # per-channel biased batch variance [C]
 
 
 class DMDGradOutput(NamedTuple):
@@ -122,3 +128,32 @@ def dmd_grad(x: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor, fake: to
     surrogate = ((x_acc - x_acc.detach()) * grad).sum() / grad.numel()
     loss = 0.5 * grad.square().mean() + surrogate
     return DMDGradOutput(grad, denom.detach(), loss)
+
+
+# ------------------------------------------------------------------------------ BN statistics
+
+def bn_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance over every dim but 1, DeepInversion-style
+    (channels made leading with permute + contiguous), in the accumulation dtype."""
+    acc = opmath_dtype(x.dtype)
+    rows = x.transpose(0, 1).contiguous().reshape(x.shape[1], -1).to(acc)
+    return rows.mean(dim=1), rows.var(dim=1, unbiased=False)
+
+
+def bn_alignment(mean: torch.Tensor, var: torch.Tensor, target_mean: torch.Tensor, target_var: torch.Tensor,
+                 form: str) -> torch.Tensor:
+    """R of specs/ddis.md §4: 'unsquared' ||v - var||_2 + ||m - mean||_2 (DeepInversion, DDIS code) or
+    'squared' ||mean - m||^2 + ||var - v||^2 (the DDIS paper)."""
+    dm, dv = mean - target_mean.to(mean.dtype), var - target_var.to(var.dtype)
+    if form == "unsquared":
+        return torch.linalg.vector_norm(dv) + torch.linalg.vector_norm(dm)
+    if form == "squared":
+        return dm.square().sum() + dv.square().sum()
+    raise ValueError(f"ddg.bn_stats_loss: unknown form {form!r}")
+
+
+def bn_stats_loss(x: torch.Tensor, target_mean: torch.Tensor, target_var: torch.Tensor, *, form: str = "unsquared",
+                  weight: float = 1.0) -> BNStatsLossOutput:
+    """weight * R(batch statistics of x, running statistics of a BN layer)."""
+    mean, var = bn_stats(x)
+    return BNStatsLossOutput(weight * bn_alignment(mean, var, target_mean, target_var, form), mean, var)

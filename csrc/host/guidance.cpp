@@ -1,5 +1,7 @@
 #include "guidance.h"
 
+#include "tensor_layout.h"
+
 #include <ATen/OpMathType.h>
 
 #include <cmath>
@@ -10,10 +12,6 @@ namespace ddg {
 namespace {
 
 using Named = std::pair<const char*, const at::Tensor*>;
-
-bool supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
 
 // Every operand must have the shape, dtype and device of the first one.
 void check_operands(const char* op, std::initializer_list<Named> operands) {
@@ -43,37 +41,6 @@ void check_finite(const char* op, const char* name, double v) {
 void check_rescale(const char* op, double rescale) {
   TORCH_CHECK(rescale >= 0.0 && rescale <= 1.0, "ddg.", op,
               ": 'rescale' (guidance rescale phi) must be in [0, 1], got ", rescale);
-}
-
-// Dense with each sample one contiguous block: the layout every kernel iterates over.
-bool sample_major_dense(const at::Tensor& t) {
-  if (!t.is_non_overlapping_and_dense()) return false;
-  return t.size(0) <= 1 || t.stride(0) * t.size(0) == t.numel();
-}
-
-// An empty tensor in the layout the kernels iterate over: `ref`'s strides when they are
-// dense and sample-major (contiguous, channels-last, ...), contiguous otherwise.
-at::Tensor empty_work(const at::Tensor& ref, at::ScalarType dtype) {
-  if (sample_major_dense(ref)) return at::empty_like(ref, ref.options().dtype(dtype));
-  return at::empty(ref.sizes(), ref.options().dtype(dtype));
-}
-
-// `t` with the strides of `work`; a copy only when they differ (mixed layouts, slices).
-at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& work) {
-  if (t.strides() == work.strides()) return t;
-  at::Tensor r = at::empty_like(work, t.options());
-  r.copy_(t);
-  return r;
-}
-
-// `work` returned with the strides torch.empty_like(like) has (what the fake kernels
-// promise); a copy only when they differ.
-at::Tensor to_output_layout(const at::Tensor& work, const at::Tensor& like) {
-  if (like.is_non_overlapping_and_dense() && like.strides() == work.strides()) return work;
-  at::Tensor out = at::empty_like(like, work.options());
-  if (out.strides() == work.strides()) return work;
-  out.copy_(work);
-  return out;
 }
 
 // A per-sample coefficient tensor: [batch] (width 1) or [batch, 2], floating, on the

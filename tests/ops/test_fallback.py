@@ -29,7 +29,10 @@ def run_all(x, u, c, f, xt):
         "euler": ddg_ops.cfg_step(*leaves, torch.tensor([1.0, 4.0]), update="euler", coef_t=0.8, coef_next=0.6),
     }
     dmd = ddg_ops.dmd_grad(leaves[0], u, c, f, 3.5, prediction="epsilon", x_t=xt, alpha_bar=0.4)
-    total = sum(r.square().sum() for r in results.values()) + dmd.loss
+    bn = ddg_ops.bn_stats_loss(leaves[1].contiguous(memory_format=torch.channels_last), f[0, :, 0, 0],
+                               xt[0, :, 0, 0].abs(), form="unsquared", weight=0.5)
+    total = sum(r.square().sum() for r in results.values()) + dmd.loss + bn.loss
+    results.update(bn_loss=bn.loss.detach(), bn_mean=bn.mean.detach(), bn_var=bn.var.detach())
     results.update(dmd_grad=dmd.grad, dmd_denom=dmd.denom, dmd_loss=dmd.loss.detach())
     results.update({f"grad_{i}": g for i, g in enumerate(torch.autograd.grad(total, leaves))})
     return {k: v.detach() for k, v in results.items()}

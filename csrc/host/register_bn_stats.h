@@ -1,0 +1,36 @@
+// Registers the BN-statistics ops of one backend with its typed loops
+// Loops::stats<scalar_t>(call, mean, var) and Loops::backward<scalar_t>(call, grad_mean, grad_var, mean, dx).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "bn_stats.h"
+
+namespace ddg {
+
+template <class Loops>
+const BnStatsKernels& bn_stats_kernels() {
+  static const BnStatsKernels kernels{
+      [](const BnCall& call, at::Tensor& mean, at::Tensor& var) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.x.scalar_type(), "ddg.bn_stats",
+                                        [&] { Loops::template stats<scalar_t>(call, mean, var); });
+      },
+      [](const BnCall& call, const at::Tensor& grad_mean, const at::Tensor& grad_var, const at::Tensor& mean,
+         at::Tensor& dx) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.x.scalar_type(), "ddg.bn_stats_backward",
+                                        [&] { Loops::template backward<scalar_t>(call, grad_mean, grad_var, mean, dx); });
+      }};
+  return kernels;
+}
+
+template <class Loops>
+void register_bn_stats_ops(torch::Library& m) {
+  m.impl("bn_stats", [](const at::Tensor& x) { return bn_stats_op(bn_stats_kernels<Loops>(), x); });
+  m.impl("bn_stats_backward", [](const at::Tensor& grad_mean, const at::Tensor& grad_var, const at::Tensor& x,
+                                 const at::Tensor& mean) {
+    return bn_stats_backward_op(bn_stats_kernels<Loops>(), grad_mean, grad_var, x, mean);
+  });
+}
+
+}  // namespace ddg

@@ -1,0 +1,188 @@
+"""bn_stats / bn_stats_loss (kernel path) against the DeepInversion-style reference and fp64."""
+import pytest
+import torch
+
+import ddg_ops
+from ddg_ops import reference
+from tests._utils import DTYPES, assert_close, magnitude
+
+pytestmark = pytest.mark.requires_ext
+
+SHAPES = [(1, 3, 1, 1), (2, 5), (3, 6, 11), (2, 7, 5, 9), (5, 3, 13, 17), (2, 64, 56, 56), (1, 4, 200, 200),
+          (64, 24, 3, 3)]
+LAYOUTS = ["contiguous", "channels_last", "sliced", "permuted"]
+
+
+def _feature_map(shape, dtype, layout, scale=3.0, offset=1.5):
+    x = torch.randn(shape) * scale + offset
+    if layout == "channels_last" and len(shape) == 4:
+        return x.to(dtype).contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":
+        return torch.cat([x, x], dim=-1).to(dtype)[..., ::2]
+    if layout == "permuted" and len(shape) >= 3:  # dense, channels neither leading-contiguous nor last
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2).to(dtype)
+    return x.to(dtype)
+
+
+def _stats_tol(dtype):
+    # The statistics are fp32 (fp64) on both sides; inputs are rounded to dtype once.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bn_stats_matches_reference(dtype, shape, layout):
+    x = _feature_map(shape, dtype, layout).requires_grad_()
+    mean, var = ddg_ops.bn_stats(x)
+    ref_mean, ref_var = reference.bn_stats(x)
+    tol = _stats_tol(dtype)
+    assert mean.dtype == ref_mean.dtype and mean.shape == (shape[1],)
+    assert_close(mean, ref_mean, tol, scale=magnitude(ref_mean) * 10)
+    assert_close(var, ref_var, tol, scale=magnitude(ref_var) * 10)
+    gm, gv = torch.randn_like(mean), torch.randn_like(var)
+    (grad,) = torch.autograd.grad((mean * gm).sum() + (var * gv).sum(), x)
+    (ref_grad,) = torch.autograd.grad((ref_mean * gm).sum() + (ref_var * gv).sum(), x)
+    assert grad.dtype == dtype and grad.stride() == torch.empty_like(x).stride()
+    assert_close(grad, ref_grad, dtype, scale=magnitude(ref_grad))
+
+
+@pytest.mark.parametrize("form", ["unsquared", "squared"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bn_stats_loss_matches_reference(dtype, form):
+    x = _feature_map((4, 16, 9, 9), dtype, "channels_last").requires_grad_()
+    tm, tv = torch.randn(16), torch.rand(16) + 0.5
+    out = ddg_ops.bn_stats_loss(x, tm, tv, form=form, weight=0.37)
+    expected = reference.bn_stats_loss(x, tm, tv, form=form, weight=0.37)
+    assert_close(out.loss, expected.loss, _stats_tol(dtype), scale=magnitude(expected.loss) * 10)
+    (grad,) = torch.autograd.grad(out.loss * 2.7, x)
+    (ref_grad,) = torch.autograd.grad(expected.loss * 2.7, x)
+    assert_close(grad, ref_grad, dtype, scale=magnitude(ref_grad))
+
+
+# std at mean 50 large enough that dtype's rounding keeps distinct values (bf16's ulp there is 0.25).
+@pytest.mark.parametrize("dtype,std", [(torch.float32, 0.01), (torch.float16, 0.05), (torch.bfloat16, 1.0)])
+def test_large_mean_small_variance_against_fp64(dtype, std):
+    """specs/ddis.md §4: mean 50, std 0.01 over 112x112 breaks E[x^2] - E[x]^2; Welford keeps it."""
+    base = torch.randn(2, 4, 112, 112, dtype=torch.float64) * std + 50
+    x = base.to(dtype)
+    mean, var = ddg_ops.bn_stats(x)
+    ref_mean, ref_var = reference.bn_stats(x.double())  # the same rounded inputs, exact statistics
+    torch.testing.assert_close(mean.double(), ref_mean, atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(var.double(), ref_var, atol=0, rtol=1e-3)
+    naive = (x.float().square().mean(dim=(0, 2, 3)) - x.float().mean(dim=(0, 2, 3)).square()).double()
+    assert (naive - ref_var).abs().max() > 10 * (var.double() - ref_var).abs().max()
+
+
+def test_millions_of_elements_per_channel():
+    x = torch.randn(4, 2, 1024, 1024) * 0.5 + 3.0  # M = 4.2e6 per channel
+    mean, var = ddg_ops.bn_stats(x)
+    ref_mean, ref_var = reference.bn_stats(x.double())
+    torch.testing.assert_close(mean.double(), ref_mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(var.double(), ref_var, atol=0, rtol=1e-5)
+
+
+def test_deterministic_across_thread_counts():
+    x = torch.randn(8, 16, 40, 40).contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ddg_ops.bn_stats(x)
+        torch.set_num_threads(max(2, threads))
+        many = ddg_ops.bn_stats(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+def test_unsquared_loss_at_zero_distance_has_finite_gradient():
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    mean, var = reference.bn_stats(x.detach())
+    out = ddg_ops.bn_stats_loss(x, mean, var)  # both norms are (numerically) ~0
+    (grad,) = torch.autograd.grad(out.loss, x)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradcheck(channels_last):
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    tm, tv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(lambda t: ddg_ops.bn_stats(t), (x,))
+    for form in ("unsquared", "squared"):
+        assert torch.autograd.gradcheck(lambda t: ddg_ops.bn_stats_loss(t, tm, tv, form=form).loss, (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(dtype, layout):
+    x = _feature_map((2, 5, 6, 7), dtype, layout).requires_grad_()
+    torch.library.opcheck(torch.ops.ddg.bn_stats.default, (x,))
+    mean, _ = torch.ops.ddg.bn_stats(x.detach())
+    acc = mean.dtype
+    torch.library.opcheck(torch.ops.ddg.bn_stats_backward.default,
+                          (torch.randn(5, dtype=acc), torch.randn(5, dtype=acc), x.detach(), mean))
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(3, 8, 3)
+    tm, tv = torch.randn(8), torch.rand(8) + 0.5
+
+    def fn(img):
+        return ddg_ops.bn_stats_loss(conv(img), tm, tv).loss
+
+    img = torch.randn(2, 3, 12, 12, requires_grad=True)
+    eager = fn(img)
+    (g_eager,) = torch.autograd.grad(eager, img)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(img)
+    (g_out,) = torch.autograd.grad(out, img)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g_out, g_eager)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: ddg_ops.bn_stats(torch.randn(5)), ValueError, r"'x' must be \[N, C, ...\]"),
+    (lambda: ddg_ops.bn_stats(torch.randn(0, 3, 2)), ValueError, "must have elements"),
+    (lambda: ddg_ops.bn_stats(torch.ones(2, 3, dtype=torch.long)), TypeError, "'x' must be float32"),
+    (lambda: ddg_ops.bn_stats_loss(torch.randn(2, 3, 4), torch.zeros(4), torch.ones(3)), ValueError,
+     r"'target_mean' must be a floating \[C\] = \[3\]"),
+    (lambda: ddg_ops.bn_stats_loss(torch.randn(2, 3, 4), torch.zeros(3), torch.ones(3), form="l1"), ValueError,
+     "'form' must be one of"),
+    (lambda: ddg_ops.bn_stats_loss(torch.randn(2, 3, 4), torch.zeros(3), torch.ones(3), weight=float("inf")),
+     ValueError, "'weight' must be finite"),
+])
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: torch.ops.ddg.bn_stats(torch.randn(4)), r"ddg.bn_stats: 'x' must be \[N, C, ...\]"),
+    (lambda: torch.ops.ddg.bn_stats_backward(torch.randn(3), torch.randn(4), torch.randn(2, 4, 5), torch.randn(4)),
+     r"'grad_mean' must have shape \[4\]"),
+    (lambda: torch.ops.ddg.bn_stats_backward(torch.randn(4), torch.randn(4), torch.randn(2, 4, 5),
+                                             torch.randn(4, dtype=torch.float64)), "'mean' must be Float"),
+])
+def test_raw_ops_reject_bad_input(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_reference(dtype, layout):
+    for shape in [(2, 7, 5, 9), (8, 64, 56, 56), (2, 3), (1, 32, 512, 512)]:
+        x = _feature_map(shape, dtype, layout).cuda().requires_grad_()
+        mean, var = ddg_ops.bn_stats(x)
+        ref_mean, ref_var = reference.bn_stats(x)
+        tol = _stats_tol(dtype)
+        assert_close(mean, ref_mean, tol, scale=magnitude(ref_mean) * 10)
+        assert_close(var, ref_var, tol, scale=magnitude(ref_var) * 10)
+        (grad,) = torch.autograd.grad((mean * 1.3).sum() + (var * -0.7).sum(), x)
+        (ref_grad,) = torch.autograd.grad((ref_mean * 1.3).sum() + (ref_var * -0.7).sum(), x)
+        assert_close(grad, ref_grad, dtype, scale=magnitude(ref_grad))
