@@ -203,12 +203,7 @@ void bn_backward_typed(const BnCall& call, const at::Tensor& grad_mean, const at
 
 }  // namespace
 
-struct CpuBnLoops {
-  template <typename scalar_t, typename... Args>
-  static void stats(Args&&... args) { bn_stats_typed<scalar_t>(std::forward<Args>(args)...); }
-  template <typename scalar_t, typename... Args>
-  static void backward(Args&&... args) { bn_backward_typed<scalar_t>(std::forward<Args>(args)...); }
-};
+DDG_BN_STATS_LOOPS(CpuBnLoops);
 
 }  // namespace ddg::cpu
 

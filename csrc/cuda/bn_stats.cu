@@ -1,7 +1,7 @@
 // CUDA loops of the BN-statistics ops. Statistics: per-thread Welford, a CUB block merge
 // per (channel, chunk) for NC(S) tensors or per (row chunk, channel) for channels-fastest
 // tensors, then a finalize kernel merging each channel's partials in chunk order
-// (deterministic). Backward: one elementwise grid-stride pass. Math from
+// (deterministic). Backward: one elementwise grid-stride pass (16-byte packs along NC(S) planes). Math from
 // csrc/common/welford.h and csrc/common/bn_stats_math.h.
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -64,13 +64,38 @@ __global__ void channel_finalize_kernel(const WelfordState<acc_t>* __restrict__ 
   }
 }
 
-template <typename scalar_t, typename acc_t, bool PLANES>
-__global__ void bn_backward_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ gm,
-                                   const acc_t* __restrict__ gv, const acc_t* __restrict__ mu, int64_t C, int64_t S,
-                                   acc_t count, scalar_t* __restrict__ dx, int64_t numel) {
+// NC(S): every plane has one channel, so packs inside a plane share the coefficients.
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void plane_backward_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ gm,
+                                      const acc_t* __restrict__ gv, const acc_t* __restrict__ mu, int64_t C,
+                                      int64_t S, acc_t count, scalar_t* __restrict__ dx, int64_t numel) {
+  using P = Pack<scalar_t, VEC>;
+  auto coefs = [&](int64_t plane) { return bn_grad_coefs(gm[plane % C], gv[plane % C], count); };
+  for_each_pack<VEC>(
+      numel, S,
+      [&](int64_t plane, int64_t i0) {
+        const BnGradCoefs<acc_t> k = coefs(plane);
+        const acc_t m = mu[plane % C];
+        const P xp = *reinterpret_cast<const P*>(x + i0);
+        P op;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) op.v[j] = static_cast<scalar_t>(bn_grad_value(static_cast<acc_t>(xp.v[j]), m, k.a, k.b));
+        *reinterpret_cast<P*>(dx + i0) = op;
+      },
+      [&](int64_t plane, int64_t i) {
+        const BnGradCoefs<acc_t> k = coefs(plane);
+        dx[i] = static_cast<scalar_t>(bn_grad_value(static_cast<acc_t>(x[i]), mu[plane % C], k.a, k.b));
+      });
+}
+
+// Channels fastest: consecutive threads take consecutive channels of a row (coalesced).
+template <typename scalar_t, typename acc_t>
+__global__ void row_backward_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ gm,
+                                    const acc_t* __restrict__ gv, const acc_t* __restrict__ mu, int64_t C,
+                                    acc_t count, scalar_t* __restrict__ dx, int64_t numel) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = PLANES ? (i / S) % C : i % C;
+    const int64_t c = i % C;
     const BnGradCoefs<acc_t> k = bn_grad_coefs(gm[c], gv[c], count);
     dx[i] = static_cast<scalar_t>(bn_grad_value(static_cast<acc_t>(x[i]), mu[c], k.a, k.b));
   }
@@ -115,27 +140,30 @@ void bn_backward_typed(const BnCall& call, const at::Tensor& grad_mean, const at
   const c10::cuda::CUDAGuard guard(call.x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t numel = dx.numel();
-  auto launch = [&](auto planes) {
-    bn_backward_kernel<scalar_t, acc_t, decltype(planes)::value><<<elementwise_blocks(numel), kThreads, 0, stream>>>(
-        call.x.const_data_ptr<scalar_t>(), grad_mean.const_data_ptr<acc_t>(), grad_var.const_data_ptr<acc_t>(),
-        mean.const_data_ptr<acc_t>(), call.channels, call.inner, acc_t(call.count()),
-        dx.mutable_data_ptr<scalar_t>(), numel);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  if (call.layout == ChannelLayout::kPlanes)
-    launch(std::true_type());
-  else
-    launch(std::false_type());
+  const scalar_t* x = call.x.const_data_ptr<scalar_t>();
+  scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+  const acc_t* gm = grad_mean.const_data_ptr<acc_t>();
+  const acc_t* gv = grad_var.const_data_ptr<acc_t>();
+  const acc_t* mu = mean.const_data_ptr<acc_t>();
+  const acc_t count = acc_t(call.count());
+  if (call.layout == ChannelLayout::kPlanes) {
+    constexpr int kWidth = 16 / sizeof(scalar_t);
+    if (vector_width<scalar_t>({x, out}) == kWidth)
+      plane_backward_kernel<scalar_t, acc_t, kWidth><<<elementwise_blocks(numel / kWidth + 1), kThreads, 0, stream>>>(
+          x, gm, gv, mu, call.channels, call.inner, count, out, numel);
+    else
+      plane_backward_kernel<scalar_t, acc_t, 1><<<elementwise_blocks(numel), kThreads, 0, stream>>>(
+          x, gm, gv, mu, call.channels, call.inner, count, out, numel);
+  } else {
+    row_backward_kernel<scalar_t, acc_t><<<elementwise_blocks(numel), kThreads, 0, stream>>>(
+        x, gm, gv, mu, call.channels, count, out, numel);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-struct CudaBnLoops {
-  template <typename scalar_t, typename... Args>
-  static void stats(Args&&... args) { bn_stats_typed<scalar_t>(std::forward<Args>(args)...); }
-  template <typename scalar_t, typename... Args>
-  static void backward(Args&&... args) { bn_backward_typed<scalar_t>(std::forward<Args>(args)...); }
-};
+DDG_BN_STATS_LOOPS(CudaBnLoops);
 
 }  // namespace ddg::cuda
 

@@ -5,6 +5,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <utility>
+
 #include "bn_stats.h"
 
 namespace ddg {
@@ -23,6 +25,16 @@ const BnStatsKernels& bn_stats_kernels() {
       }};
   return kernels;
 }
+
+// Declares the Loops struct of a backend from its typed functions bn_stats_typed and
+// bn_backward_typed (templates on scalar_t).
+#define DDG_BN_STATS_LOOPS(NAME)                                                                     \
+  struct NAME {                                                                                      \
+    template <typename scalar_t, typename... Args>                                                   \
+    static void stats(Args&&... a) { bn_stats_typed<scalar_t>(std::forward<Args>(a)...); }           \
+    template <typename scalar_t, typename... Args>                                                   \
+    static void backward(Args&&... a) { bn_backward_typed<scalar_t>(std::forward<Args>(a)...); }     \
+  }
 
 template <class Loops>
 void register_bn_stats_ops(torch::Library& m) {
