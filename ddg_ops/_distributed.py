@@ -32,11 +32,12 @@ def merge_channel_stats(mean: torch.Tensor, var: torch.Tensor, count: int,
     Chan's combination over ranks: mean = sum n_r mean_r / N and
     var = sum n_r (var_r + (mean_r - mean)^2) / N, differentiable w.r.t. the local stats.
     """
-    local = torch.cat([mean, var, mean.new_full((1,), float(count))])
+    # Gathered and merged in fp64: counts stay exact and large totals lose nothing.
+    local = torch.cat([mean.double(), var.double(), mean.new_full((1,), float(count), dtype=torch.float64)])
     gathered = _GatherStats.apply(local, group)
     c = mean.shape[0]
     means, vars_, counts = gathered[:, :c], gathered[:, c:2 * c], gathered[:, 2 * c:]
     total = counts.sum()
     global_mean = (counts * means).sum(0) / total
     global_var = (counts * (vars_ + (means - global_mean) ** 2)).sum(0) / total
-    return global_mean, global_var
+    return global_mean.to(mean.dtype), global_var.to(var.dtype)

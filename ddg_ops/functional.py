@@ -150,6 +150,14 @@ def dmd_grad(x: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor, fake: to
     return DMDGradOutput(*torch.ops.ddg.dmd_grad(x, uncond, cond, fake, s, s_ps, prediction, x_t, ab))
 
 
+def _check_feature_map(op: str, x: torch.Tensor) -> None:
+    check_operands(op, x=x)
+    if x.ndim < 2:
+        raise ValueError(f"ddg.{op}: 'x' must be [N, C, ...] (at least 2-D), got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"ddg.{op}: 'x' must have elements to take statistics of, got shape {tuple(x.shape)}")
+
+
 def bn_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-channel batch mean and biased variance of a feature map, as BatchNorm computes them.
 
@@ -158,12 +166,7 @@ def bn_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     (fp64 for fp64). Returns fp32 (fp64) [C] tensors; differentiable w.r.t. ``x``, the
     backward being one elementwise pass dL/dx = a_c + b_c * (x - mean_c).
     """
-    op = "bn_stats"
-    check_operands(op, x=x)
-    if x.ndim < 2:
-        raise ValueError(f"ddg.{op}: 'x' must be [N, C, ...] (at least 2-D), got shape {tuple(x.shape)}")
-    if x.numel() == 0:
-        raise ValueError(f"ddg.{op}: 'x' must have elements to take statistics of, got shape {tuple(x.shape)}")
+    _check_feature_map("bn_stats", x)
     if not use_kernel(x):
         return reference.bn_stats(x)
     return tuple(torch.ops.ddg.bn_stats(x))
@@ -178,18 +181,21 @@ def bn_stats_loss(x: torch.Tensor, target_mean: torch.Tensor, target_var: torch.
     (form='squared', the DDIS paper); mean/var are ``bn_stats(x)``, the targets a BN layer's
     running statistics (constants). With ``sync=True`` the statistics are merged across the
     processes of ``process_group`` (default: the world) as SyncBatchNorm does, so every rank
-    gets the loss of the global batch and each rank's ``x`` the exact gradient of it.
+    gets the loss of the global batch and each rank's ``x`` the exact gradient of it (right for
+    optimising inputs, as DeepInversion and DAG do). Under DDP, which averages parameter
+    gradients over ranks, multiply the loss by the world size to weight it as SyncBatchNorm would.
     """
     op = "bn_stats_loss"
     check_choice(op, "form", form, BN_LOSS_FORMS)
     check_number(op, "weight", weight)
-    mean, var = bn_stats(x)
+    _check_feature_map(op, x)
     channels = x.shape[1]
     for name, t in (("target_mean", target_mean), ("target_var", target_var)):
         check_tensor(op, name, t)
         if t.shape != (channels,) or not t.is_floating_point() or t.device != x.device:
             raise ValueError(f"ddg.{op}: '{name}' must be a floating [C] = [{channels}] tensor on {x.device} "
                              f"(a BN layer's running statistics), got {t.dtype} {tuple(t.shape)} on {t.device}")
+    mean, var = bn_stats(x)
     if sync:
         mean, var = merge_channel_stats(mean, var, x.numel() // channels, process_group)
     return BNStatsLossOutput(weight * reference.bn_alignment(mean, var, target_mean, target_var, form), mean, var)

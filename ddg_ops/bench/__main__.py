@@ -20,7 +20,7 @@ from ._utils import (Timing, append_rows, assert_matches, case_rows, copy_ceilin
                      print_table, time_fn)
 
 # Family name -> module; a new family is one more entry here.
-FAMILIES = {"guidance": "ddg_ops.bench.guidance"}
+FAMILIES = {"guidance": "ddg_ops.bench.guidance", "bn_stats": "ddg_ops.bench.bn_stats"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Seconds of timing per (provider, case): full runs stay under ~15 min on a 2-core CPU,
 # torch.compile warm-ups included; --quick is a CI smoke test.
@@ -113,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         append_rows(out, new_rows)  # as we go, so an interrupted run keeps what it measured
         rows += new_rows
 
+    # A family may add rows computed from the measured ones (bn_stats: whole-network totals).
+    derived = family.derived_rows(rows, ceiling, env) if hasattr(family, "derived_rows") else []
+    append_rows(out, derived)
+    rows += derived
     print_table(rows)
     print(f"\ncopy ceiling {ceiling:.1f} GB/s on {env['device_name']}; {len(rows)} rows written to {out}")
 
