@@ -130,6 +130,13 @@ void set_step(CfgCall& c, const at::Tensor& ref, c10::string_view update, double
                              at::toOpMathType(ref.scalar_type()));
 }
 
+// Backward reads uncond/cond only with rescale (autograd then passes placeholders), so only
+// then are they brought into the work layout; otherwise any tensor of that layout stands in.
+void set_backward_operands(CfgCall& c, const at::Tensor& uncond, const at::Tensor& cond, const at::Tensor& work) {
+  c.uncond = c.rescale != 0.0 ? in_layout_of(uncond, work) : work;
+  c.cond = c.rescale != 0.0 ? in_layout_of(cond, work) : work;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> cfg_combine_op(
@@ -155,8 +162,7 @@ std::tuple<at::Tensor, at::Tensor> cfg_combine_backward_op(
   CfgCall c = make_cfg_call("cfg_combine_backward", uncond, scale, scale_per_sample, rescale);
   at::Tensor grad_uncond = empty_work(uncond, uncond.scalar_type());
   at::Tensor grad_cond = at::empty_like(grad_uncond);
-  c.uncond = in_layout_of(uncond, grad_uncond);
-  c.cond = in_layout_of(cond, grad_uncond);
+  set_backward_operands(c, uncond, cond, grad_uncond);
   const at::Tensor go = in_layout_of(grad_out, grad_uncond);
   at::Tensor no_sample_grad;
   if (grad_uncond.numel() > 0)
@@ -194,8 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cfg_step_backward_op(
   at::Tensor grad_sample = empty_work(grad_out, grad_out.scalar_type());
   at::Tensor grad_uncond = at::empty_like(grad_sample);
   at::Tensor grad_cond = at::empty_like(grad_sample);
-  c.uncond = in_layout_of(uncond, grad_sample);
-  c.cond = in_layout_of(cond, grad_sample);
+  set_backward_operands(c, uncond, cond, grad_sample);
   if (grad_sample.numel() > 0)
     k.cfg_backward(c, in_layout_of(grad_out, grad_sample), stats.contiguous(), grad_sample,
                    grad_uncond, grad_cond);

@@ -15,9 +15,9 @@ pytestmark = pytest.mark.requires_ext
 
 _SCRIPT = textwrap.dedent("""
     import sys, torch, ddg_ops
+    from tests.ops.test_fallback import run_all
     assert not ddg_ops.HAS_EXT, ddg_ops.EXTENSION
-    inputs = torch.load(sys.argv[1])
-    torch.save(__import__("tests.ops.test_fallback", fromlist=["run_all"]).run_all(**inputs), sys.argv[2])
+    torch.save(run_all(**torch.load(sys.argv[1])), sys.argv[2])
 """)
 
 
