@@ -1,4 +1,4 @@
-"""Public functional API of the guidance ops.
+"""Public functional API: guidance and BN-statistics ops here, split-token ops re-exported.
 
 Each function validates its arguments, then runs the compiled kernel for CPU/CUDA tensors
 when the extension is loaded, and the pure-PyTorch reference otherwise. Results are in
@@ -17,6 +17,8 @@ from ._types import opmath_dtype
 from ._validate import check_choice, check_in_range, check_operands, check_number, check_per_sample, check_tensor
 from ._distributed import merge_channel_stats
 from .reference import BNStatsLossOutput, DMDGradOutput
+from .split_token import *  # noqa: F401,F403
+from .split_token import __all__ as _split_token_all
 
 Scalar = Union[float, torch.Tensor]
 
@@ -26,7 +28,8 @@ DMD_PREDICTIONS = ("velocity", "epsilon")
 BN_LOSS_FORMS = ("unsquared", "squared")
 
 __all__ = ["cfg_combine", "cfg_step", "ddim_cfg_step", "euler_cfg_step", "dmd_grad", "DMDGradOutput",
-           "bn_stats", "bn_stats_loss", "BNStatsLossOutput", "CFG_STEP_UPDATES", "DMD_PREDICTIONS", "BN_LOSS_FORMS"]
+           "bn_stats", "bn_stats_loss", "BNStatsLossOutput", "CFG_STEP_UPDATES", "DMD_PREDICTIONS", "BN_LOSS_FORMS",
+           *_split_token_all]
 
 
 def _as_op_scalar(value: Scalar, batch: int) -> Tuple[float, Optional[torch.Tensor]]:

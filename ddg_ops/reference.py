@@ -7,6 +7,7 @@ Scalars (`scale`, step coefficients, `alpha_bar`) are Python floats or [B] tenso
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -157,3 +158,100 @@ def bn_stats_loss(x: torch.Tensor, target_mean: torch.Tensor, target_var: torch.
     """weight * R(batch statistics of x, running statistics of a BN layer)."""
     mean, var = bn_stats(x)
     return BNStatsLossOutput(weight * bn_alignment(mean, var, target_mean, target_var, form), mean, var)
+
+
+# ---------------------------------------------------------------- split_token (specs/gendd.md)
+
+def split_token_prepare(features: torch.Tensor, prototypes: Optional[torch.Tensor], contraction: float, mix: float,
+                        permutation: Optional[torch.Tensor], timesteps: torch.Tensor, noise: torch.Tensor,
+                        sqrt_alpha_bar: torch.Tensor, sqrt_one_minus_alpha_bar: torch.Tensor,
+                        token_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GenDD's target path: contraction x0 = (1-l) f + l mu, mixup m x0 + (1-m) x0[perm], split into
+    token_size chunks ([B*N, C], sample-major), tiled replica-outer to the M = len(timesteps) rows and
+    noised x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps. Returns (x_t [M, C], x0 tokens [B*N, C])."""
+    acc = opmath_dtype(features.dtype)
+    x0 = features.to(acc)
+    if prototypes is not None:
+        x0 = (1 - contraction) * x0 + contraction * prototypes.to(acc)
+    if permutation is not None:
+        x0 = mix * x0 + (1 - mix) * x0[permutation]
+    tokens = x0.reshape(-1, token_size)
+    rows = tokens.repeat(timesteps.shape[0] // max(tokens.shape[0], 1), 1)
+    x_t = sqrt_alpha_bar.to(acc)[timesteps, None] * rows + sqrt_one_minus_alpha_bar.to(acc)[timesteps, None] * noise.to(acc)
+    return x_t.to(features.dtype), tokens.to(features.dtype)
+
+
+def _gather_rows(t: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+    return t if index is None else t[index]
+
+
+def adaln_modulate(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   shift: torch.Tensor, scale: torch.Tensor, cond_index: Optional[torch.Tensor] = None,
+                   eps: float = 1e-6) -> torch.Tensor:
+    """adaLN modulation of a LayerNorm over the last dim of [M, W] rows: LN(x) * (1 + scale) + shift.
+    LN is affine when weight/bias are given; shift/scale are [U, W] rows picked by cond_index [M]
+    (row r uses row cond_index[r]; without it U = M)."""
+    acc = opmath_dtype(x.dtype)
+    xf = x.to(acc)
+    var, mean = torch.var_mean(xf, dim=-1, correction=0, keepdim=True)
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    out = y * (1 + _gather_rows(scale, cond_index).to(acc)) + _gather_rows(shift, cond_index).to(acc)
+    return out.to(x.dtype)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor,
+                   cond_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x + gate * h on [M, W] rows; gate is [U, W] picked by cond_index [M] (U = M without it)."""
+    acc = opmath_dtype(x.dtype)
+    return (x.to(acc) + _gather_rows(gate, cond_index).to(acc) * h.to(acc)).to(x.dtype)
+
+
+_LOG2 = math.log(2.0)
+
+
+def _approx_std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_nll(x: torch.Tensor, centered: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """-log P(x) of IDDPM's decoder: a Gaussian discretized into bins of width 2/255 on [-1, 1]
+    (x - mean = centered); the end bins extend to -inf / +inf (selected by x < -0.999, x > 0.999)."""
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = _approx_std_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_std_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return -torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def diffusion_loss(model_output: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                   x0: Optional[torch.Tensor], loss_coefs: torch.Tensor,
+                   learned_variance: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row diffusion loss of epsilon-prediction rows, (loss [M], mse [M]) in fp32 (fp64).
+
+    mse = mean_c (eps_hat - eps)^2. With learned_variance, model_output is [M, 2C] = [eps_hat, v]
+    and loss = mse + vb, IDDPM's hybrid loss: vb is KL(q(x_{t-1}|x_t,x_0) || p(eps_hat.detach(), v))
+    averaged over channels in bits, or at t = 0 the discretized-Gaussian decoder NLL of x0 (x0 is
+    [M0, C]; row r reads x0[r % M0]). loss_coefs is GaussianDiffusionSchedule.loss_coefs()."""
+    acc = opmath_dtype(model_output.dtype)
+    C = noise.shape[1]
+    diff = model_output[:, :C].to(acc) - noise.to(acc)
+    mse = diff.square().mean(1)
+    if not learned_variance:
+        return mse, mse.detach().clone()
+    coefs = loss_coefs.to(acc)[timesteps]
+    mean_coef, log_beta, log_post = (c[:, None] for c in coefs.unbind(1))
+    frac = (model_output[:, C:].to(acc) + 1) / 2
+    log_var = frac * log_beta + (1 - frac) * log_post
+    d = mean_coef * diff.detach()  # mu_q - mu_theta; the stop-gradient on the mean
+    kl = 0.5 * (-1.0 + log_var - log_post + torch.exp(log_post - log_var) + d * d * torch.exp(-log_var))
+    vb = kl.mean(1) / _LOG2
+    rows = torch.arange(noise.shape[0], device=noise.device) % max(x0.shape[0], 1)
+    nll = discretized_gaussian_nll(x0[rows].to(acc), d, 0.5 * log_var).mean(1) / _LOG2
+    vb = torch.where(timesteps == 0, nll, vb)
+    return mse + vb, mse.detach().clone()
