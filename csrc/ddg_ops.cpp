@@ -48,4 +48,36 @@ TORCH_LIBRARY(ddg, m) {
   // elementwise pass dx = grad_mean/M + 2 grad_var (x - mean)/M.
   m.def("bn_stats(Tensor x) -> (Tensor mean, Tensor var)");
   m.def("bn_stats_backward(Tensor grad_mean, Tensor grad_var, Tensor x, Tensor mean) -> Tensor");
+
+  // ---- split_token family (specs/gendd.md §3): GenDD's diffusion-head path.
+  // Targets: contraction + mixup + split into token_size chunks ([B*N, C] x0) + replica-outer
+  // tiling to the M = len(timesteps) rows + q(x_t | x_0) noising. No gradient.
+  m.def(
+      "split_token_prepare(Tensor features, Tensor? prototypes, float contraction, Tensor? permutation, "
+      "float mix, Tensor timesteps, Tensor noise, Tensor sqrt_alpha_bar, Tensor sqrt_one_minus_alpha_bar, "
+      "int token_size) -> (Tensor x_t, Tensor x0)");
+  // LN(x) * (1 + scale) + shift over [M, W] rows; shift/scale are [U, W] rows (any row stride)
+  // picked by cond_index (U = M without it); mean/rstd are the rows' statistics (fp32/fp64).
+  m.def(
+      "adaln_modulate(Tensor x, Tensor? weight, Tensor? bias, Tensor shift, Tensor scale, Tensor? cond_index, "
+      "float eps) -> (Tensor out, Tensor mean, Tensor rstd)");
+  // grad_weight/grad_bias are [0] for a LN without them; grad_scale_rows is per row of x (the
+  // caller sums rows sharing a condition); grad_shift is grad_out itself.
+  m.def(
+      "adaln_modulate_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor scale, "
+      "Tensor? cond_index, Tensor mean, Tensor rstd) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_scale_rows)");
+  // x + gate * h; gate rows picked by cond_index like shift/scale.
+  m.def("gated_residual(Tensor x, Tensor gate, Tensor h, Tensor? cond_index) -> Tensor");
+  m.def(
+      "gated_residual_backward(Tensor grad_out, Tensor gate, Tensor h, Tensor? cond_index) "
+      "-> (Tensor grad_h, Tensor grad_gate_rows)");
+  // Per-row epsilon MSE, or IDDPM's hybrid loss (mse + vb) with learned variance; loss and mse
+  // in fp32 (fp64 for fp64). x0 [M0, C] (row r reads r % M0) is needed for the t = 0 NLL.
+  m.def(
+      "diffusion_loss(Tensor model_output, Tensor noise, Tensor timesteps, Tensor? x0, Tensor loss_coefs, "
+      "bool learned_variance) -> (Tensor loss, Tensor mse)");
+  m.def(
+      "diffusion_loss_backward(Tensor grad_loss, Tensor model_output, Tensor noise, Tensor timesteps, "
+      "Tensor? x0, Tensor loss_coefs, bool learned_variance) -> Tensor");
 }

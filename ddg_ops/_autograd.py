@@ -79,9 +79,74 @@ def _bn_stats_backward(ctx, grad_mean, grad_var):
     return torch.ops.ddg.bn_stats_backward(grad_mean, grad_var, x, mean)
 
 
+# ---------------------------------------------------------------- split_token
+
+def _sum_cond_rows(rows_grad: torch.Tensor, cond_index, cond_rows: int) -> torch.Tensor:
+    """Per-row gradients of [U, W] condition rows shared through cond_index: summed per condition (fp32)."""
+    if cond_index is None:
+        return rows_grad
+    acc = torch.zeros((cond_rows, rows_grad.shape[1]), dtype=torch.promote_types(rows_grad.dtype, torch.float32),
+                      device=rows_grad.device)
+    return acc.index_add_(0, cond_index, rows_grad.to(acc.dtype)).to(rows_grad.dtype)
+
+
+def _adaln_modulate_setup(ctx, inputs, output):
+    x, weight, bias, shift, scale, cond_index, eps = inputs
+    ctx.cond_rows = shift.shape[0]
+    ctx.affine = (weight is not None, bias is not None)
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(x, weight, bias, scale, cond_index, output[1], output[2])
+
+
+def _adaln_modulate_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    x, weight, bias, scale, cond_index, mean, rstd = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias, grad_scale_rows = torch.ops.ddg.adaln_modulate_backward(
+        grad_out, x, weight, bias, scale, cond_index, mean, rstd)
+    grad_shift = _sum_cond_rows(grad_out, cond_index, ctx.cond_rows)
+    grad_scale = _sum_cond_rows(grad_scale_rows, cond_index, ctx.cond_rows)
+    return (grad_x, grad_weight if ctx.affine[0] else None, grad_bias if ctx.affine[1] else None,
+            grad_shift, grad_scale, None, None)
+
+
+def _gated_residual_setup(ctx, inputs, output):
+    x, gate, h, cond_index = inputs
+    ctx.cond_rows = gate.shape[0]
+    ctx.save_for_backward(gate, h, cond_index)
+
+
+def _gated_residual_backward(ctx, grad_out):
+    gate, h, cond_index = ctx.saved_tensors
+    grad_h, grad_gate_rows = torch.ops.ddg.gated_residual_backward(grad_out, gate, h, cond_index)
+    return grad_out, _sum_cond_rows(grad_gate_rows, cond_index, ctx.cond_rows), grad_h, None
+
+
+def _diffusion_loss_setup(ctx, inputs, output):
+    model_output, noise, timesteps, x0, loss_coefs, learned_variance = inputs
+    ctx.learned_variance = learned_variance
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(model_output, noise, timesteps, x0, loss_coefs)
+
+
+def _diffusion_loss_backward(ctx, grad_loss, _grad_mse):
+    model_output, noise, timesteps, x0, loss_coefs = ctx.saved_tensors
+    grad = torch.ops.ddg.diffusion_loss_backward(grad_loss, model_output, noise, timesteps, x0, loss_coefs,
+                                                 ctx.learned_variance)
+    return grad, None, None, None, None, None
+
+
+def _constant_targets(ctx, *grads):
+    raise RuntimeError("ddg.split_token_prepare: the diffusion targets are constants (no gradient); "
+                       "pass detached inputs")
+
+
 torch.library.register_autograd("ddg::bn_stats", _bn_stats_backward, setup_context=_bn_stats_setup)
 torch.library.register_autograd("ddg::cfg_combine", _cfg_combine_backward, setup_context=_cfg_combine_setup)
 torch.library.register_autograd("ddg::cfg_step", _cfg_step_backward, setup_context=_cfg_step_setup)
 torch.library.register_autograd("ddg::dmd_grad", _dmd_grad_backward, setup_context=_dmd_grad_setup)
-for _op in ("cfg_combine_backward", "cfg_step_backward", "dmd_grad_backward", "bn_stats_backward"):
+torch.library.register_autograd("ddg::adaln_modulate", _adaln_modulate_backward, setup_context=_adaln_modulate_setup)
+torch.library.register_autograd("ddg::gated_residual", _gated_residual_backward, setup_context=_gated_residual_setup)
+torch.library.register_autograd("ddg::diffusion_loss", _diffusion_loss_backward, setup_context=_diffusion_loss_setup)
+torch.library.register_autograd("ddg::split_token_prepare", _constant_targets)
+for _op in ("cfg_combine_backward", "cfg_step_backward", "dmd_grad_backward", "bn_stats_backward",
+            "adaln_modulate_backward", "gated_residual_backward", "diffusion_loss_backward"):
     torch.library.register_autograd(f"ddg::{_op}", _no_double_backward(_op))

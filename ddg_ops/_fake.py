@@ -69,3 +69,53 @@ def _bn_stats(x):
 @torch.library.register_fake("ddg::bn_stats_backward")
 def _bn_stats_backward(grad_mean, grad_var, x, mean):
     return torch.empty_like(x)
+
+
+# ---------------------------------------------------------------- split_token
+
+@torch.library.register_fake("ddg::split_token_prepare")
+def _split_token_prepare(features, prototypes, contraction, permutation, mix, timesteps, noise, sqrt_alpha_bar,
+                         sqrt_one_minus_alpha_bar, token_size):
+    torch._check(features.dim() == 2, lambda: "ddg.split_token_prepare: 'features' must be 2-D")
+    tokens = features.shape[0] * (features.shape[1] // token_size)
+    return features.new_empty((timesteps.shape[0], token_size)), features.new_empty((tokens, token_size))
+
+
+def _row_stats(x):
+    return x.new_empty((x.shape[0],), dtype=opmath_dtype(x.dtype))
+
+
+@torch.library.register_fake("ddg::adaln_modulate")
+def _adaln_modulate(x, weight, bias, shift, scale, cond_index, eps):
+    torch._check(x.dim() == 2, lambda: f"ddg.adaln_modulate: 'x' must be 2-D, got {x.dim()}-D")
+    return x.new_empty(x.shape), _row_stats(x), _row_stats(x)
+
+
+@torch.library.register_fake("ddg::adaln_modulate_backward")
+def _adaln_modulate_backward(grad_out, x, weight, bias, scale, cond_index, mean, rstd):
+    _same("adaln_modulate_backward", x, grad_out=grad_out)
+    width = x.shape[1]
+    return (x.new_empty(x.shape), x.new_empty((width,) if weight is not None else (0,)),
+            x.new_empty((width,) if bias is not None else (0,)), x.new_empty(x.shape))
+
+
+@torch.library.register_fake("ddg::gated_residual")
+def _gated_residual(x, gate, h, cond_index):
+    _same("gated_residual", x, h=h)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("ddg::gated_residual_backward")
+def _gated_residual_backward(grad_out, gate, h, cond_index):
+    _same("gated_residual_backward", h, grad_out=grad_out)
+    return h.new_empty(h.shape), h.new_empty(h.shape)
+
+
+@torch.library.register_fake("ddg::diffusion_loss")
+def _diffusion_loss(model_output, noise, timesteps, x0, loss_coefs, learned_variance):
+    return _row_stats(noise), _row_stats(noise)
+
+
+@torch.library.register_fake("ddg::diffusion_loss_backward")
+def _diffusion_loss_backward(grad_loss, model_output, noise, timesteps, x0, loss_coefs, learned_variance):
+    return model_output.new_empty(model_output.shape)

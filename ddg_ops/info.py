@@ -9,7 +9,8 @@ import torch
 
 import ddg_ops
 
-OPS = ("cfg_combine", "cfg_step", "dmd_grad", "bn_stats")
+OPS = ("cfg_combine", "cfg_step", "dmd_grad", "bn_stats", "split_token_prepare", "adaln_modulate",
+       "gated_residual", "diffusion_loss")
 
 
 def _backend(op: str, device_type: str) -> str:
@@ -31,9 +32,9 @@ def report() -> str:
         f"extension: {'loaded' if e.loaded else 'not loaded'} - {e.reason}",
         "build info: " + (json.dumps(e.build_info, sort_keys=True) if e.build_info else "none (not built)"),
         "",
-        f"{'op':<14}{'on CPU tensors':<28}{'on CUDA tensors'}",
+        f"{'op':<21}{'on CPU tensors':<28}{'on CUDA tensors'}",
     ]
-    lines += [f"{op:<14}{_backend(op, 'cpu'):<28}{_backend(op, 'cuda')}" for op in OPS]
+    lines += [f"{op:<21}{_backend(op, 'cpu'):<28}{_backend(op, 'cuda')}" for op in OPS]
     return "\n".join(lines)
 
 

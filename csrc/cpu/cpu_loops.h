@@ -59,6 +59,41 @@ acc_t lane_sum(const at::vec::Vectorized<acc_t>& v) {
       v);
 }
 
+// Sum, and sum of squared deviations from `mean`, of n contiguous elements.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+acc_t span_sum(const scalar_t* p, int64_t n) {
+  using IO = VecIO<scalar_t>;
+  typename IO::Vec acc(acc_t(0));
+  acc_t tail = 0;
+  int64_t i = 0;
+  for (; i + IO::kStep <= n; i += IO::kStep) {
+    const auto v = IO::load(p + i);
+    acc += v.lo + v.hi;
+  }
+  for (; i < n; ++i) tail += acc_t(p[i]);
+  return lane_sum(acc) + tail;
+}
+
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+acc_t span_sq_dev(const scalar_t* p, int64_t n, acc_t mean) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  const Vec vm(mean);
+  Vec acc(acc_t(0));
+  acc_t tail = 0;
+  int64_t i = 0;
+  for (; i + IO::kStep <= n; i += IO::kStep) {
+    const auto v = IO::load(p + i);
+    const Vec d0 = v.lo - vm, d1 = v.hi - vm;
+    acc += d0 * d0 + d1 * d1;
+  }
+  for (; i < n; ++i) {
+    const acc_t d = acc_t(p[i]) - mean;
+    tail += d * d;
+  }
+  return lane_sum(acc) + tail;
+}
+
 constexpr int64_t kElementwiseGrain = 32768;
 // Reductions split each sample into chunks of this size; the chunk boundaries (not the
 // thread count) fix the summation order, so results are bitwise reproducible.
