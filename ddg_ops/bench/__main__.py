@@ -1,9 +1,11 @@
 """python -m ddg_ops.bench <family> [options]: time each provider on each case, write a CSV, print a table.
 
 A family module defines PROVIDERS, MODES, ORACLE (the provider others are checked against),
-``cases(quick)`` -> [(kernel, shape)], ``min_bytes(kernel, shape, dtype, mode)`` and
-``Case(kernel, shape, dtype, mode, device)`` whose ``step(provider)`` is the call to time and
-``results(output)`` the tensors (outputs, gradients) that a step computed.
+``cases(quick, device)`` -> [(kernel, shape)], ``min_bytes(kernel, shape, dtype, mode)`` (None when
+bytes are not the measure) and ``Case(kernel, shape, dtype, mode, device)`` whose ``step(provider)`` is
+the call to time and ``results(output)`` the tensors (outputs, gradients) that a step computed.
+Optional: ``DEFAULT_DTYPES``, ``kernel_modes(kernel)`` (the modes a kernel has), ``Case.note(provider)``
+(a remark for the row) and ``derived_rows``.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ddg_ops.bench", description=__doc__.splitlines()[0])
     parser.add_argument("family", choices=sorted(FAMILIES))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"])
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES),
+                        help="default: the family's DEFAULT_DTYPES, else float32 and bfloat16")
     parser.add_argument("--mode", nargs="+", choices=("forward", "full"), default=["forward", "full"],
                         help="full = forward + backward")
     parser.add_argument("--out", type=Path, help="CSV path (default bench_results/<family>_<device>.csv)")
@@ -75,7 +78,8 @@ def bench_case(case, providers: Sequence[str], oracle: str, dtype: torch.dtype, 
             timings[provider] = Timing(note=note)
             continue
         assert_matches(provider, got, expected, dtype)
-        timings[provider] = Timing(time_fn(step, device, min_run_time), peak_mem_mb(step, device))
+        note = case.note(provider) if hasattr(case, "note") else ""
+        timings[provider] = Timing(time_fn(step, device, min_run_time), peak_mem_mb(step, device), note)
     return timings
 
 
@@ -99,8 +103,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{env['device_name']}, {env['threads']} threads, torch {env['torch_version']}: "
           f"copy ceiling {ceiling:.1f} GB/s", file=sys.stderr)
 
-    todo = [(kernel, shape, dtype, mode) for kernel, shape in family.cases(args.quick)
-            for dtype in args.dtype for mode in modes]
+    dtypes = args.dtype or getattr(family, "DEFAULT_DTYPES", ("float32", "bfloat16"))
+    kernel_modes = getattr(family, "kernel_modes", lambda kernel: modes)
+    todo = [(kernel, shape, dtype, mode) for kernel, shape in family.cases(args.quick, device)
+            for dtype in dtypes for mode in modes if mode in kernel_modes(kernel)]
     rows = []
     for i, (kernel, shape, dtype_name, mode) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {kernel} {mode} {dtype_name} {shape}", file=sys.stderr)

@@ -12,6 +12,7 @@ import torch
 import torch.utils.benchmark as torch_benchmark
 
 from .._ext import STATE as EXTENSION
+from ._cpu_memory import cpu_peak_mem_mb
 
 QUANTILES = (0.5, 0.2, 0.8)
 # Relative tolerance of every provider against the oracle, elementwise, with an absolute floor
@@ -90,9 +91,10 @@ def copy_ceiling_gbps(device, nbytes: int, min_run_time: float = 0.2) -> float:
 
 
 def peak_mem_mb(fn: Callable[[], object], device) -> Optional[float]:
-    """Peak allocated CUDA memory during one call (inputs included); None on CPU (no allocator stats)."""
+    """Peak memory during one call (MiB): allocated CUDA memory (inputs included) on CUDA; on CPU the
+    peak growth of the heap over the call (see _cpu_memory: sampled, inputs excluded)."""
     if torch.device(device).type != "cuda":
-        return None
+        return cpu_peak_mem_mb(fn)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()
@@ -156,7 +158,7 @@ def case_rows(case: Dict[str, object], timings: Dict[str, Timing], providers: Se
     rows = []
     for provider, timing in timings.items():
         median, p20, p80 = timing.ms or (None, None, None)
-        gbps = nbytes / (median * 1e-3) / 1e9 if median else None
+        gbps = nbytes / (median * 1e-3) / 1e9 if median and nbytes else None
         row = {"kernel": case["kernel"], "provider": provider, "mode": case["mode"], "dtype": case["dtype"],
                "shape": case["shape"], "ms_p50": _rounded(median, 6), "ms_p20": _rounded(p20, 6),
                "ms_p80": _rounded(p80, 6), "gb_per_s": _rounded(gbps, 3),
@@ -193,10 +195,10 @@ def append_rows(csv_path: Path, rows: Sequence[Dict[str, object]]) -> None:
 # ---------------------------------------------------------------- table
 
 _TABLE_KEYS = ("kernel", "mode", "dtype", "shape", "provider", "ms_p50", "ms_p20", "ms_p80", "gb_per_s",
-               "pct_of_copy_ceiling")
-_HEADINGS = {"gb_per_s": "GB/s", "pct_of_copy_ceiling": "%copy"}
+               "pct_of_copy_ceiling", "peak_mem_mb")
+_HEADINGS = {"gb_per_s": "GB/s", "pct_of_copy_ceiling": "%copy", "peak_mem_mb": "peakMB"}
 _FORMATS = {"ms_p50": "{:.4g}", "ms_p20": "{:.4g}", "ms_p80": "{:.4g}", "gb_per_s": "{:.1f}",
-            "pct_of_copy_ceiling": "{:.0f}"}
+            "pct_of_copy_ceiling": "{:.0f}", "peak_mem_mb": "{:.1f}"}
 
 
 def _cell(key: str, value: object) -> str:

@@ -86,7 +86,7 @@ IMPLS: Dict[str, Callable] = {
 
 # ---------------------------------------------------------------- cases
 
-def cases(quick: bool) -> List[Tuple[str, Tuple[int, ...]]]:
+def cases(quick: bool, device=None) -> List[Tuple[str, Tuple[int, ...]]]:
     """Every distinct BN input of ResNet-34 at each batch size, per layout, then the large map.
     --quick: batch 8, NCHW, no large map (30-40 s on a 2-core EPYC with both dtypes; --dtype float32
     halves it). The full CPU run takes 3.5-7.5 min there, depending on torch.compile's cache."""

@@ -145,7 +145,7 @@ KERNELS = {k.name: k for k in (
 )}
 
 
-def cases(quick: bool) -> List[Tuple[str, Tuple[int, ...]]]:
+def cases(quick: bool, device=None) -> List[Tuple[str, Tuple[int, ...]]]:
     return [(kernel, shape) for kernel in KERNELS for shape in (QUICK_SHAPES if quick else SHAPES)]
 
 
