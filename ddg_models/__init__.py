@@ -1,4 +1,20 @@
-"""ddg_models: nn.Modules and samplers built on ddg_ops (teachers with CFG, samplers, heads)."""
-from .guided_sampling import CFGSampler, FusedGuidanceStep, unet_denoiser
+"""ddg_models: nn.Modules and samplers built on ddg_ops (teachers with CFG, samplers, heads).
 
-__all__ = ["CFGSampler", "FusedGuidanceStep", "unet_denoiser"]
+The diffusers-based samplers are imported on first use, so the heads load without diffusers.
+"""
+import importlib
+
+from .simple_mlp_adaln import SimpleMLPAdaLN
+from .split_token_head import (SplitTokenDiffusionHead, SplitTokenHeadConfig, convert_simple_mlp_adaln_state_dict,
+                               convert_split_token_head_state_dict)
+
+_LAZY = {"CFGSampler": "guided_sampling", "FusedGuidanceStep": "guided_sampling", "unet_denoiser": "guided_sampling"}
+
+__all__ = ["CFGSampler", "FusedGuidanceStep", "unet_denoiser", "SimpleMLPAdaLN", "SplitTokenDiffusionHead",
+           "SplitTokenHeadConfig", "convert_simple_mlp_adaln_state_dict", "convert_split_token_head_state_dict"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,8 +14,9 @@ if EXTENSION.loaded:
 from . import reference  # noqa: E402
 from .functional import *  # noqa: E402,F401,F403
 from .functional import __all__ as _functional_all  # noqa: E402
-from .diffusion_schedule import GaussianDiffusionSchedule, space_timesteps  # noqa: E402
+from .diffusion_schedule import NOISE_SCHEDULES, GaussianDiffusionSchedule, space_timesteps  # noqa: E402
 
 HAS_EXT = EXTENSION.loaded
 __version__ = "0.1.0"
-__all__ = ["EXTENSION", "HAS_EXT", "reference", "GaussianDiffusionSchedule", "space_timesteps", *_functional_all]
+__all__ = ["EXTENSION", "HAS_EXT", "reference", "GaussianDiffusionSchedule", "NOISE_SCHEDULES", "space_timesteps",
+           *_functional_all]

@@ -97,17 +97,17 @@ class GaussianDiffusionSchedule:
 
     # ---------------------------------------------------------------- tables for the ops
 
-    def noising_tables(self, device=None):
-        """(sqrt(abar_t), sqrt(1 - abar_t)) as float32 [T] tensors, for q(x_t | x_0)."""
-        return (self.sqrt_alphas_cumprod.float().to(device), self.sqrt_one_minus_alphas_cumprod.float().to(device))
+    def noising_tables(self, device=None, dtype: torch.dtype = torch.float32):
+        """(sqrt(abar_t), sqrt(1 - abar_t)) as [T] tensors (float32 unless asked), for q(x_t | x_0)."""
+        return (self.sqrt_alphas_cumprod.to(device, dtype), self.sqrt_one_minus_alphas_cumprod.to(device, dtype))
 
-    def loss_coefs(self, device=None) -> torch.Tensor:
-        """[T, 3] float32: (posterior_mean_coef1 * sqrt(1/abar - 1), log beta, clipped log posterior
+    def loss_coefs(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[T, 3] (float32 unless asked): (posterior_mean_coef1 * sqrt(1/abar - 1), log beta, clipped log posterior
         variance). The first column maps (eps_hat - eps) to mu_q - mu_theta (= x_0 - mu_theta at t = 0),
         so the hybrid loss needs only eps, eps_hat, v and t (specs/gendd.md §3, K5)."""
         cols = [self.posterior_mean_coef1 * self.sqrt_recipm1_alphas_cumprod, self.betas.log(),
                 self.posterior_log_variance_clipped]
-        return torch.stack(cols, 1).float().to(device)
+        return torch.stack(cols, 1).to(device, dtype)
 
     def fixed_log_variance(self, large: bool = True) -> torch.Tensor:
         """Log variance of the fixed-variance sampler: beta_t ('large', the posterior variance

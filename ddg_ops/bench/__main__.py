@@ -22,7 +22,8 @@ from ._utils import (Timing, append_rows, assert_matches, case_rows, copy_ceilin
                      print_table, time_fn)
 
 # Family name -> module; a new family is one more entry here.
-FAMILIES = {"guidance": "ddg_ops.bench.guidance", "bn_stats": "ddg_ops.bench.bn_stats"}
+FAMILIES = {"guidance": "ddg_ops.bench.guidance", "bn_stats": "ddg_ops.bench.bn_stats",
+            "split_token": "ddg_ops.bench.split_token"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Seconds of timing per (provider, case): full runs stay under ~15 min on a 2-core CPU,
 # torch.compile warm-ups included; --quick is a CI smoke test.
