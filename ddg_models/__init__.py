@@ -1,9 +1,11 @@
-"""ddg_models: nn.Modules and samplers built on ddg_ops (teachers with CFG, samplers, heads).
+"""ddg_models: nn.Modules and samplers built on ddg_ops (teachers with CFG, samplers, heads, classifiers).
 
 The diffusers-based samplers are imported on first use, so the heads load without diffusers.
 """
 import importlib
 
+from .classifiers import (CLASSIFIER_NAMES, build_classifier, classifier_of, feature_dim, load_classifier,
+                          pooled_features)
 from .simple_mlp_adaln import SimpleMLPAdaLN
 from .split_token_head import (SplitTokenDiffusionHead, SplitTokenHeadConfig, convert_simple_mlp_adaln_state_dict,
                                convert_split_token_head_state_dict)
@@ -11,7 +13,8 @@ from .split_token_head import (SplitTokenDiffusionHead, SplitTokenHeadConfig, co
 _LAZY = {"CFGSampler": "guided_sampling", "FusedGuidanceStep": "guided_sampling", "unet_denoiser": "guided_sampling"}
 
 __all__ = ["CFGSampler", "FusedGuidanceStep", "unet_denoiser", "SimpleMLPAdaLN", "SplitTokenDiffusionHead",
-           "SplitTokenHeadConfig", "convert_simple_mlp_adaln_state_dict", "convert_split_token_head_state_dict"]
+           "SplitTokenHeadConfig", "convert_simple_mlp_adaln_state_dict", "convert_split_token_head_state_dict",
+           "CLASSIFIER_NAMES", "build_classifier", "classifier_of", "feature_dim", "load_classifier", "pooled_features"]
 
 
 def __getattr__(name: str):
