@@ -64,6 +64,13 @@ def _no_grad_input(op: str, name: str, t: Optional[torch.Tensor]) -> None:
                          "grad; pass it detached")
 
 
+def _check_range(op: str, name: str, index: torch.Tensor, high: int) -> None:
+    """Reference path only (the kernels check while they read): Python indexing would wrap negative
+    values silently. An async assert, so it neither syncs a GPU nor breaks a compiled graph."""
+    torch._assert_async(((index >= 0) & (index < high)).all(),
+                        f"ddg.{op}: '{name}' has values outside [0, {high})")
+
+
 def split_token_rows(batch: int, num_tokens: int, batch_mul: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The row -> (sample, token) map of split tokens tiled replica-outer: row r of the
     M = batch * num_tokens * batch_mul rows holds token r % N of sample (r % (B N)) // N."""
@@ -119,6 +126,9 @@ def split_token_prepare(features: torch.Tensor, timesteps: torch.Tensor, noise: 
     for name, t in (("features", features), ("prototypes", prototypes), ("noise", noise)):
         _no_grad_input(op, name, t)
     if not use_kernel(features):
+        _check_range(op, "timesteps", timesteps, T)
+        if permutation is not None:
+            _check_range(op, "permutation", permutation, B)
         return reference.split_token_prepare(features, prototypes, float(contraction), float(mix), permutation,
                                              timesteps, noise, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, token_size)
     return tuple(torch.ops.ddg.split_token_prepare(features, prototypes, float(contraction), permutation, float(mix),
@@ -157,6 +167,8 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, we
     if eps <= 0:
         raise ValueError(f"ddg.{op}: 'eps' must be positive, got {eps}")
     if not use_kernel(x):
+        if cond_index is not None:
+            _check_range(op, "cond_index", cond_index, shift.shape[0])
         return reference.adaln_modulate(x, weight, bias, shift, scale, cond_index, float(eps))
     return torch.ops.ddg.adaln_modulate(x, weight, bias, shift, scale, cond_index, float(eps))[0]
 
@@ -170,6 +182,8 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor,
     _shape(op, "h", h, tuple(x.shape), "like 'x'")
     _check_cond_rows(op, x, cond_index, gate=gate)
     if not use_kernel(x):
+        if cond_index is not None:
+            _check_range(op, "cond_index", cond_index, gate.shape[0])
         return reference.gated_residual(x, gate, h, cond_index)
     return torch.ops.ddg.gated_residual(x, gate, h, cond_index)
 
@@ -212,6 +226,7 @@ def diffusion_loss(model_output: torch.Tensor, noise: torch.Tensor, timesteps: t
         _no_grad_input(op, name, t)
     xs = x0 if learned_variance else None
     if not use_kernel(noise):
+        _check_range(op, "timesteps", timesteps, loss_coefs.shape[0])
         loss, mse = reference.diffusion_loss(model_output, noise, timesteps, xs, loss_coefs, learned_variance)
     else:
         loss, mse = torch.ops.ddg.diffusion_loss(model_output, noise, timesteps, xs, loss_coefs, learned_variance)

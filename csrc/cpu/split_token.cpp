@@ -25,9 +25,9 @@ const scalar_t* cond_row(const CondRows& c, const int64_t* index, int64_t r) {
   return c.t.const_data_ptr<scalar_t>() + (index ? index[r] : r) * c.row_stride;
 }
 
-void check_cond_index(const int64_t* index, int64_t r, int64_t cond_rows) {
+void check_cond_index(const char* op, const int64_t* index, int64_t r, int64_t cond_rows) {
   if (index)
-    TORCH_CHECK(index[r] >= 0 && index[r] < cond_rows, "ddg: 'cond_index' value ", index[r], " at row ", r,
+    TORCH_CHECK(index[r] >= 0 && index[r] < cond_rows, "ddg.", op, ": 'cond_index' value ", index[r], " at row ", r,
                 " is out of range for ", cond_rows, " condition rows");
 }
 
@@ -100,7 +100,7 @@ void modulate_typed(const ModulateCall& c, at::Tensor& out_t, at::Tensor& mean_t
   acc_t* rstd_out = rstd_t.mutable_data_ptr<acc_t>();
   at::parallel_for(0, c.rows, row_grain(W), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      check_cond_index(index, r, c.cond_rows);
+      check_cond_index("adaln_modulate", index, r, c.cond_rows);
       const scalar_t* xr = x + r * W;
       const scalar_t* shift = cond_row<scalar_t>(c.shift, index, r);
       const scalar_t* scale = cond_row<scalar_t>(c.scale, index, r);
@@ -244,7 +244,7 @@ void modulate_backward_typed(const ModulateCall& c, const at::Tensor& grad_out, 
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       for (int64_t r = blk * kRowsPerBlock; r < std::min(M, (blk + 1) * kRowsPerBlock); ++r) {
-        check_cond_index(index, r, c.cond_rows);
+        check_cond_index("adaln_modulate_backward", index, r, c.cond_rows);
         const ModulateRowGrad<scalar_t> row{x + r * W, g + r * W, cond_row<scalar_t>(c.scale, index, r), w, bias,
                                             mean[r], rstd[r], W};
         acc_t sum_g, sum_gx;
@@ -282,7 +282,7 @@ void gated_typed(const GatedCall& c, at::Tensor& out_t) {
   scalar_t* out = out_t.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, c.rows, row_grain(W), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      check_cond_index(index, r, c.cond_rows);
+      check_cond_index("gated_residual", index, r, c.cond_rows);
       const scalar_t *xr = x + r * W, *hr = h + r * W, *gate = cond_row<scalar_t>(c.gate, index, r);
       scalar_t* o = out + r * W;
       int64_t i = 0;
@@ -308,7 +308,7 @@ void gated_backward_typed(const GatedCall& c, const at::Tensor& grad_out, at::Te
   scalar_t* grad_gate = grad_gate_t.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, c.rows, row_grain(W), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      check_cond_index(index, r, c.cond_rows);
+      check_cond_index("gated_residual_backward", index, r, c.cond_rows);
       const scalar_t *gr = g + r * W, *hr = h + r * W, *gate = cond_row<scalar_t>(c.gate, index, r);
       int64_t i = 0;
       for (; i + IO::kStep <= W; i += IO::kStep) {
