@@ -137,7 +137,9 @@ def extensions():
     capability = cpu_capability()
     # -fopenmp: at::parallel_for is inline code around `#pragma omp parallel`; without the
     # flag the pragma is ignored and every CPU kernel runs on one thread.
-    cxx = (["-O0", "-g"] if debug else ["-O3"]) + ["-fopenmp"] + CPU_CAPABILITIES[capability][1]
+    # -ffp-contract=off: no implicit FMA in scalar code, so a value computed in two passes (the LN
+    # backward's g_xhat in the row sums and in dx) has the same bits both times, as on the GPU.
+    cxx = (["-O0", "-g"] if debug else ["-O3"]) + ["-fopenmp", "-ffp-contract=off"] + CPU_CAPABILITIES[capability][1]
     link = ["-fopenmp"]
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for sub in ("host", "cpu") for p in (ROOT / "csrc" / sub).glob("*.cpp"))

@@ -1,0 +1,673 @@
+// CUDA loops of the split-token ops (specs/gendd.md §3). Mirrors csrc/cpu/split_token.cpp;
+// all per-element math comes from csrc/common/split_token_math.h, which the CPU tests cover.
+//  * prepare: one grid-stride pass over the B*N*C target rows (x0) followed by the M*C noised rows.
+//  * adaLN modulate: one block per row (grid-stride over rows); two-pass mean / variance with
+//    CUB block reductions, then the output pass. Block size 64/128/256 by row width.
+//  * its backward: a block per fixed group of rows, rows in order; per row one CUB reduction of
+//    (sum g_xhat, sum g_xhat xhat), then dx and grad_scale_rows. The LN weight/bias gradients are
+//    accumulated per group into [groups, W] partials (each column owned by one thread) and a
+//    finalize kernel sums every column over the groups in a fixed order: deterministic, no atomics.
+//  * gated residual (+ backward): grid-stride elementwise, 16-byte packs when every pointer, the
+//    row width and the gate's row stride allow it.
+//  * diffusion loss: one warp per row (shuffle reductions over C); backward elementwise.
+// Index ranges (cond_index, permutation, timesteps) are checked with CUDA_KERNEL_ASSERT.
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "../common/split_token_math.h"
+#include "../host/register_split_token.h"
+#include "common.cuh"
+
+namespace ddg::cuda {
+namespace {
+
+// ---------------------------------------------------------------- shared helpers
+
+__device__ __forceinline__ float row_sqrt(float v) { return sqrtf(v); }
+__device__ __forceinline__ double row_sqrt(double v) { return sqrt(v); }
+
+// A rounded product that nvcc never contracts into an FMA with a later add/subtract. The LN
+// backward needs g_xhat to be bitwise the same value in the row sum and in dx: otherwise
+// g_xhat - mean(g_xhat) (exactly 0 for W = 1) becomes an FMA residual amplified by rstd.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+// The condition row of row r: cond_index[r] (range-checked) or r itself.
+__device__ __forceinline__ int64_t cond_row_of(const int64_t* index, int64_t r, int64_t cond_rows) {
+  if (index == nullptr) return r;
+  const int64_t ci = index[r];
+  CUDA_KERNEL_ASSERT(ci >= 0 && ci < cond_rows);
+  return ci;
+}
+
+// Row kernels loop over rows (or row groups) with a grid stride, so any count is correct.
+constexpr int64_t kMaxRowBlocks = int64_t(1) << 20;
+inline unsigned row_grid(int64_t blocks) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, kMaxRowBlocks)));
+}
+
+// Calls fn(std::integral_constant<int, BLOCK>) with the block size of a row of `width` elements.
+template <typename Fn>
+void with_row_block(int64_t width, const Fn& fn) {
+  if (width <= 256)
+    fn(std::integral_constant<int, 64>());
+  else if (width <= 1024)
+    fn(std::integral_constant<int, 128>());
+  else
+    fn(std::integral_constant<int, 256>());
+}
+
+// Block-wide reduction whose result every thread gets. Must be reached by all BLOCK threads; the
+// trailing barrier lets the caller call it again (same instantiation) right away.
+template <int BLOCK, typename T, typename Op>
+__device__ __forceinline__ T block_allreduce(T value, Op op) {
+  using BlockReduce = cub::BlockReduce<T, BLOCK>;
+  __shared__ typename BlockReduce::TempStorage storage;
+  __shared__ T result;
+  const T r = BlockReduce(storage).Reduce(value, op);  // valid in thread 0
+  if (threadIdx.x == 0) result = r;
+  __syncthreads();
+  const T out = result;
+  __syncthreads();
+  return out;
+}
+
+template <typename acc_t>
+struct SumPair {
+  acc_t a, b;
+};
+
+struct PairSumOp {
+  template <typename P>
+  __device__ __forceinline__ P operator()(const P& x, const P& y) const {
+    return P{x.a + y.a, x.b + y.b};
+  }
+};
+
+// Sum over the 32 lanes of a warp (butterfly: every lane gets the same bits).
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Calls fn(std::integral_constant<int, VEC>) with 16-byte packs when `vectorizable`, else 1.
+template <typename scalar_t, typename Fn>
+void with_pack_width(bool vectorizable, const Fn& fn) {
+  if (vectorizable)
+    fn(std::integral_constant<int, 16 / sizeof(scalar_t)>());
+  else
+    fn(std::integral_constant<int, 1>());
+}
+
+// ---------------------------------------------------------------- targets
+
+template <typename scalar_t, typename acc_t>
+struct PrepareArgs {
+  const scalar_t* f;      // [B, D]
+  const scalar_t* mu;     // [B, D] or null
+  const int64_t* perm;    // [B] or null
+  const int64_t* t;       // [M]
+  const scalar_t* noise;  // [M, C]
+  const acc_t* sab;       // [T]
+  const acc_t* s1ab;      // [T]
+  TargetCoefs<acc_t> k;
+  int64_t batch, N, C, D, tokens, rows, steps;
+};
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t contracted(const PrepareArgs<scalar_t, acc_t>& p, int64_t i) {
+  const acc_t v = static_cast<acc_t>(p.f[i]);
+  return p.mu ? contract_value(v, static_cast<acc_t>(p.mu[i]), p.k.keep, p.k.contract) : v;
+}
+
+// Element j of token `token`'s target row (token = b * N + n).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t target_value(const PrepareArgs<scalar_t, acc_t>& p, int64_t token, int64_t j) {
+  const int64_t b = token / p.N;
+  const int64_t offset = (token - b * p.N) * p.C + j;
+  acc_t v = contracted(p, b * p.D + offset);
+  if (p.perm) {
+    const int64_t partner = p.perm[b];
+    CUDA_KERNEL_ASSERT(partner >= 0 && partner < p.batch);
+    v = mix_value(v, contracted(p, partner * p.D + offset), p.k.mix, p.k.mix_rest);
+  }
+  return v;
+}
+
+// Flat index e over [0, tokens*C) writes x0, over [tokens*C, (tokens + M)*C) writes x_t.
+template <typename scalar_t, typename acc_t>
+__global__ void prepare_kernel(PrepareArgs<scalar_t, acc_t> p, scalar_t* __restrict__ x_t,
+                               scalar_t* __restrict__ x0) {
+  const int64_t n0 = p.tokens * p.C, total = n0 + p.rows * p.C;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (e < n0) {
+      const int64_t token = e / p.C;
+      x0[e] = static_cast<scalar_t>(target_value(p, token, e - token * p.C));
+    } else {
+      const int64_t i = e - n0, r = i / p.C, j = i - r * p.C;
+      const int64_t step = p.t[r];
+      CUDA_KERNEL_ASSERT(step >= 0 && step < p.steps);
+      x_t[i] = static_cast<scalar_t>(noised_value(target_value(p, r % p.tokens, j), static_cast<acc_t>(p.noise[i]),
+                                                  p.sab[step], p.s1ab[step]));
+    }
+  }
+}
+
+template <typename scalar_t>
+void prepare_typed(const PrepareCall& c, at::Tensor& x_t_out, at::Tensor& x0_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const c10::cuda::CUDAGuard guard(c.features.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  PrepareArgs<scalar_t, acc_t> p;
+  p.f = c.features.const_data_ptr<scalar_t>();
+  p.mu = c.prototypes.defined() ? c.prototypes.const_data_ptr<scalar_t>() : nullptr;
+  p.perm = c.permutation.defined() ? c.permutation.const_data_ptr<int64_t>() : nullptr;
+  p.t = c.timesteps.const_data_ptr<int64_t>();
+  p.noise = c.noise.const_data_ptr<scalar_t>();
+  p.sab = c.sqrt_ab.const_data_ptr<acc_t>();
+  p.s1ab = c.sqrt_one_minus_ab.const_data_ptr<acc_t>();
+  p.k = TargetCoefs<acc_t>{acc_t(c.keep), acc_t(c.contract), acc_t(c.mix), acc_t(c.mix_rest)};
+  p.batch = c.batch;
+  p.N = c.num_tokens();
+  p.C = c.token_size;
+  p.D = c.dim;
+  p.tokens = c.batch * p.N;
+  p.rows = c.rows;
+  p.steps = c.steps;
+  const int64_t total = (p.tokens + p.rows) * p.C;
+  if (total == 0) return;
+  prepare_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, stream>>>(
+      p, x_t_out.mutable_data_ptr<scalar_t>(), x0_out.mutable_data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------- LayerNorm + adaLN
+
+template <typename scalar_t, typename acc_t>
+struct ModulateArgs {
+  const scalar_t* x;     // [M, W]
+  const scalar_t* w;     // [W] or null
+  const scalar_t* bias;  // [W] or null
+  const scalar_t* shift;
+  const scalar_t* scale;
+  int64_t shift_stride, scale_stride;  // row strides of the condition rows
+  const int64_t* index;                // [M] or null
+  int64_t rows, width, cond_rows;
+  acc_t eps;
+};
+
+template <typename scalar_t, typename acc_t, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) modulate_kernel(ModulateArgs<scalar_t, acc_t> a, scalar_t* __restrict__ out,
+                                                         acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out) {
+  const int64_t W = a.width;
+  for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {  // block-uniform
+    const int64_t ci = cond_row_of(a.index, r, a.cond_rows);
+    const scalar_t* xr = a.x + r * W;
+    const scalar_t* shift = a.shift + ci * a.shift_stride;
+    const scalar_t* scale = a.scale + ci * a.scale_stride;
+    scalar_t* o = out + r * W;
+
+    acc_t sum = 0;
+    for (int64_t i = threadIdx.x; i < W; i += BLOCK) sum += static_cast<acc_t>(xr[i]);
+    const acc_t mean = block_allreduce<BLOCK>(sum, SumOp()) / acc_t(W);
+    acc_t sq = 0;
+    for (int64_t i = threadIdx.x; i < W; i += BLOCK) {
+      const acc_t d = static_cast<acc_t>(xr[i]) - mean;
+      sq += d * d;
+    }
+    const acc_t rstd = acc_t(1) / row_sqrt(block_allreduce<BLOCK>(sq, SumOp()) / acc_t(W) + a.eps);
+    if (threadIdx.x == 0) {
+      mean_out[r] = mean;
+      rstd_out[r] = rstd;
+    }
+    for (int64_t i = threadIdx.x; i < W; i += BLOCK) {
+      acc_t y = (static_cast<acc_t>(xr[i]) - mean) * rstd;
+      if (a.w) y = y * static_cast<acc_t>(a.w[i]);
+      if (a.bias) y = y + static_cast<acc_t>(a.bias[i]);
+      o[i] = static_cast<scalar_t>(modulate_value(y, static_cast<acc_t>(scale[i]), static_cast<acc_t>(shift[i])));
+    }
+  }
+}
+
+template <typename scalar_t>
+void modulate_typed(const ModulateCall& c, at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const c10::cuda::CUDAGuard guard(c.x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  ModulateArgs<scalar_t, acc_t> a;
+  a.x = c.x.const_data_ptr<scalar_t>();
+  a.w = c.weight.defined() ? c.weight.const_data_ptr<scalar_t>() : nullptr;
+  a.bias = c.bias.defined() ? c.bias.const_data_ptr<scalar_t>() : nullptr;
+  a.shift = c.shift.t.const_data_ptr<scalar_t>();
+  a.scale = c.scale.t.const_data_ptr<scalar_t>();
+  a.shift_stride = c.shift.row_stride;
+  a.scale_stride = c.scale.row_stride;
+  a.index = c.cond_index.defined() ? c.cond_index.const_data_ptr<int64_t>() : nullptr;
+  a.rows = c.rows;
+  a.width = c.width;
+  a.cond_rows = c.cond_rows;
+  a.eps = acc_t(c.eps);
+  if (c.rows == 0) return;
+  with_row_block(c.width, [&](auto block) {
+    constexpr int BLOCK = decltype(block)::value;
+    modulate_kernel<scalar_t, acc_t, BLOCK><<<row_grid(c.rows), BLOCK, 0, stream>>>(
+        a, out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+struct ModulateGradArgs {
+  const scalar_t* x;     // [M, W]
+  const scalar_t* g;     // [M, W]
+  const scalar_t* w;     // [W] or null
+  const scalar_t* bias;  // [W] or null
+  const scalar_t* scale;
+  int64_t scale_stride;
+  const int64_t* index;  // [M] or null
+  const acc_t* mean;     // [M]
+  const acc_t* rstd;     // [M]
+  int64_t rows, width, cond_rows;
+  int64_t rows_per_group, groups;
+};
+
+// Block k handles groups k, k + gridDim.x, ...; a group's rows in order. Thread t owns columns
+// t, t + BLOCK, ... of the group's partial rows (written on the group's first row, then
+// accumulated), so the partials need no zeroing and no atomics.
+template <typename scalar_t, typename acc_t, int BLOCK>
+__global__ void __launch_bounds__(BLOCK)
+    modulate_backward_kernel(ModulateGradArgs<scalar_t, acc_t> a, scalar_t* __restrict__ dx,
+                             scalar_t* __restrict__ dscale, acc_t* __restrict__ partial_w,
+                             acc_t* __restrict__ partial_b) {
+  const int64_t W = a.width;
+  for (int64_t grp = blockIdx.x; grp < a.groups; grp += gridDim.x) {  // block-uniform
+    const int64_t r0 = grp * a.rows_per_group, r1 = min(r0 + a.rows_per_group, a.rows);
+    acc_t* pw = partial_w ? partial_w + grp * W : nullptr;
+    acc_t* pb = partial_b ? partial_b + grp * W : nullptr;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t ci = cond_row_of(a.index, r, a.cond_rows);
+      const scalar_t* xr = a.x + r * W;
+      const scalar_t* gr = a.g + r * W;
+      const scalar_t* scale = a.scale + ci * a.scale_stride;
+      const acc_t mean = a.mean[r], rstd = a.rstd[r];
+      const bool first = r == r0;
+
+      // gy = g (1 + scale) is dL/dy for the LN output y; g_xhat = gy * w. Both passes compute
+      // them with mul_rn, so they are the same bits in the sums and in dx.
+      SumPair<acc_t> s{acc_t(0), acc_t(0)};
+      for (int64_t i = threadIdx.x; i < W; i += BLOCK) {
+        const acc_t xh = (static_cast<acc_t>(xr[i]) - mean) * rstd;
+        const acc_t gy = mul_rn(static_cast<acc_t>(gr[i]), acc_t(1) + static_cast<acc_t>(scale[i]));
+        const acc_t gxh = a.w ? mul_rn(gy, static_cast<acc_t>(a.w[i])) : gy;
+        s.a += gxh;
+        s.b += gxh * xh;
+        if (pw) pw[i] = (first ? acc_t(0) : pw[i]) + gy * xh;
+        if (pb) pb[i] = (first ? acc_t(0) : pb[i]) + gy;
+      }
+      s = block_allreduce<BLOCK>(s, PairSumOp());
+      const acc_t mean_g = s.a / acc_t(W), mean_gx = s.b / acc_t(W);
+      for (int64_t i = threadIdx.x; i < W; i += BLOCK) {
+        const acc_t xh = (static_cast<acc_t>(xr[i]) - mean) * rstd;
+        const acc_t gv = static_cast<acc_t>(gr[i]);
+        const acc_t gy = mul_rn(gv, acc_t(1) + static_cast<acc_t>(scale[i]));
+        const acc_t wv = a.w ? static_cast<acc_t>(a.w[i]) : acc_t(1);
+        const acc_t gxh = a.w ? mul_rn(gy, wv) : gy;
+        const acc_t y = xh * wv + (a.bias ? static_cast<acc_t>(a.bias[i]) : acc_t(0));
+        dx[r * W + i] = static_cast<scalar_t>(layer_norm_input_grad(gxh, xh, rstd, mean_g, mean_gx));
+        dscale[r * W + i] = static_cast<scalar_t>(gv * y);
+      }
+    }
+  }
+}
+
+// Column sums of partial [groups, W]: a block covers kFinalCols columns; thread (x, y) sums
+// groups y, y + kFinalSlices, ... of column x in order, then thread (x, 0) adds the slices in
+// order. The order depends only on `groups`, so the result is deterministic.
+constexpr int kFinalCols = 32, kFinalSlices = 8;
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kFinalCols* kFinalSlices)
+    column_sum_kernel(const acc_t* __restrict__ partial, int64_t groups, int64_t W, scalar_t* __restrict__ out) {
+  __shared__ acc_t slice_sums[kFinalSlices][kFinalCols];
+  const int64_t col = blockIdx.x * static_cast<int64_t>(kFinalCols) + threadIdx.x;
+  acc_t s = 0;
+  if (col < W)
+    for (int64_t k = threadIdx.y; k < groups; k += kFinalSlices) s += partial[k * W + col];
+  slice_sums[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < W) {
+    acc_t total = 0;
+#pragma unroll
+    for (int j = 0; j < kFinalSlices; ++j) total += slice_sums[j][threadIdx.x];
+    out[col] = static_cast<scalar_t>(total);
+  }
+}
+
+// At most about this many threads' worth of row groups when the LN affine gradients are wanted.
+constexpr int64_t kGroupThreads = int64_t(1) << 18;
+
+template <typename scalar_t>
+void modulate_backward_typed(const ModulateCall& c, const at::Tensor& grad_out, const at::Tensor& mean,
+                             const at::Tensor& rstd, at::Tensor& grad_x, at::Tensor& grad_weight,
+                             at::Tensor& grad_bias, at::Tensor& grad_scale_rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const c10::cuda::CUDAGuard guard(c.x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t M = c.rows, W = c.width;
+  if (M == 0) return;
+  const bool want_w = grad_weight.defined(), want_b = grad_bias.defined();
+  ModulateGradArgs<scalar_t, acc_t> a;
+  a.x = c.x.const_data_ptr<scalar_t>();
+  a.g = grad_out.const_data_ptr<scalar_t>();
+  a.w = c.weight.defined() ? c.weight.const_data_ptr<scalar_t>() : nullptr;
+  a.bias = c.bias.defined() ? c.bias.const_data_ptr<scalar_t>() : nullptr;
+  a.scale = c.scale.t.const_data_ptr<scalar_t>();
+  a.scale_stride = c.scale.row_stride;
+  a.index = c.cond_index.defined() ? c.cond_index.const_data_ptr<int64_t>() : nullptr;
+  a.mean = mean.const_data_ptr<acc_t>();
+  a.rstd = rstd.const_data_ptr<acc_t>();
+  a.rows = M;
+  a.width = W;
+  a.cond_rows = c.cond_rows;
+  scalar_t* dx = grad_x.mutable_data_ptr<scalar_t>();
+  scalar_t* dscale = grad_scale_rows.mutable_data_ptr<scalar_t>();
+  with_row_block(W, [&](auto block) {
+    constexpr int BLOCK = decltype(block)::value;
+    at::Tensor partials;
+    acc_t* pw = nullptr;
+    acc_t* pb = nullptr;
+    if (want_w || want_b) {
+      const int64_t max_groups = kGroupThreads / BLOCK;
+      a.rows_per_group = (M + max_groups - 1) / max_groups;
+      a.groups = (M + a.rows_per_group - 1) / a.rows_per_group;
+      partials = at::empty({(want_w ? 1 : 0) + (want_b ? 1 : 0), a.groups, W},
+                           c.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      acc_t* base = partials.mutable_data_ptr<acc_t>();
+      pw = want_w ? base : nullptr;
+      pb = want_b ? base + (want_w ? a.groups * W : 0) : nullptr;
+    } else {
+      a.rows_per_group = 1;
+      a.groups = M;
+    }
+    modulate_backward_kernel<scalar_t, acc_t, BLOCK><<<row_grid(a.groups), BLOCK, 0, stream>>>(a, dx, dscale, pw, pb);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const dim3 final_block(kFinalCols, kFinalSlices);
+    const unsigned final_grid = reduction_grid((W + kFinalCols - 1) / kFinalCols);
+    if (want_w) {
+      column_sum_kernel<scalar_t, acc_t><<<final_grid, final_block, 0, stream>>>(
+          pw, a.groups, W, grad_weight.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (want_b) {
+      column_sum_kernel<scalar_t, acc_t><<<final_grid, final_block, 0, stream>>>(
+          pb, a.groups, W, grad_bias.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+// ---------------------------------------------------------------- gated residual
+
+template <typename scalar_t>
+struct GateArgs {
+  const scalar_t* gate;
+  int64_t gate_stride;
+  const int64_t* index;  // [M] or null
+  int64_t rows, width, cond_rows;
+};
+
+// VEC > 1 only when width % VEC == 0, gate_stride % VEC == 0 and every pointer is 16-byte
+// aligned: then a pack never crosses a row and every pack address is aligned.
+template <typename scalar_t>
+__device__ __forceinline__ const scalar_t* gate_at(const GateArgs<scalar_t>& a, int64_t i0) {
+  const int64_t r = i0 / a.width;
+  return a.gate + cond_row_of(a.index, r, a.cond_rows) * a.gate_stride + (i0 - r * a.width);
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void gated_kernel(GateArgs<scalar_t> a, const scalar_t* __restrict__ x, const scalar_t* __restrict__ h,
+                             scalar_t* __restrict__ out) {
+  using P = Pack<scalar_t, VEC>;
+  const int64_t packs = a.rows * a.width / VEC;
+  for (int64_t pk = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pk < packs;
+       pk += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i0 = pk * VEC;
+    const P xp = *reinterpret_cast<const P*>(x + i0);
+    const P hp = *reinterpret_cast<const P*>(h + i0);
+    const P gp = *reinterpret_cast<const P*>(gate_at(a, i0));
+    P op;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      op.v[j] = static_cast<scalar_t>(
+          gated_value(static_cast<acc_t>(xp.v[j]), static_cast<acc_t>(gp.v[j]), static_cast<acc_t>(hp.v[j])));
+    *reinterpret_cast<P*>(out + i0) = op;
+  }
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void gated_backward_kernel(GateArgs<scalar_t> a, const scalar_t* __restrict__ g,
+                                      const scalar_t* __restrict__ h, scalar_t* __restrict__ grad_h,
+                                      scalar_t* __restrict__ grad_gate) {
+  using P = Pack<scalar_t, VEC>;
+  const int64_t packs = a.rows * a.width / VEC;
+  for (int64_t pk = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pk < packs;
+       pk += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i0 = pk * VEC;
+    const P gp = *reinterpret_cast<const P*>(g + i0);
+    const P hp = *reinterpret_cast<const P*>(h + i0);
+    const P gatep = *reinterpret_cast<const P*>(gate_at(a, i0));
+    P dh, dgate;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const acc_t gv = static_cast<acc_t>(gp.v[j]);
+      dh.v[j] = static_cast<scalar_t>(gv * static_cast<acc_t>(gatep.v[j]));
+      dgate.v[j] = static_cast<scalar_t>(gv * static_cast<acc_t>(hp.v[j]));
+    }
+    *reinterpret_cast<P*>(grad_h + i0) = dh;
+    *reinterpret_cast<P*>(grad_gate + i0) = dgate;
+  }
+}
+
+template <typename scalar_t>
+GateArgs<scalar_t> gate_args(const GatedCall& c) {
+  GateArgs<scalar_t> a;
+  a.gate = c.gate.t.const_data_ptr<scalar_t>();
+  a.gate_stride = c.gate.row_stride;
+  a.index = c.cond_index.defined() ? c.cond_index.const_data_ptr<int64_t>() : nullptr;
+  a.rows = c.rows;
+  a.width = c.width;
+  a.cond_rows = c.cond_rows;
+  return a;
+}
+
+template <typename scalar_t>
+bool gate_vectorizable(const GateArgs<scalar_t>& a, std::initializer_list<const void*> ptrs) {
+  constexpr int kWidth = 16 / sizeof(scalar_t);
+  return vector_width<scalar_t>(ptrs) == kWidth && vector_width<scalar_t>({a.gate}) == kWidth &&
+         a.width % kWidth == 0 && a.gate_stride % kWidth == 0;
+}
+
+template <typename scalar_t>
+void gated_typed(const GatedCall& c, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t numel = c.rows * c.width;
+  if (numel == 0) return;
+  const GateArgs<scalar_t> a = gate_args<scalar_t>(c);
+  const scalar_t* x = c.x.const_data_ptr<scalar_t>();
+  const scalar_t* h = c.h.const_data_ptr<scalar_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  with_pack_width<scalar_t>(gate_vectorizable(a, {x, h, o}), [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    gated_kernel<scalar_t, acc_t, VEC><<<elementwise_blocks(numel / VEC), kThreads, 0, stream>>>(a, x, h, o);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename scalar_t>
+void gated_backward_typed(const GatedCall& c, const at::Tensor& grad_out, at::Tensor& grad_h,
+                          at::Tensor& grad_gate_rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const c10::cuda::CUDAGuard guard(grad_h.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t numel = c.rows * c.width;
+  if (numel == 0) return;
+  const GateArgs<scalar_t> a = gate_args<scalar_t>(c);
+  const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
+  const scalar_t* h = c.h.const_data_ptr<scalar_t>();
+  scalar_t* gh = grad_h.mutable_data_ptr<scalar_t>();
+  scalar_t* gg = grad_gate_rows.mutable_data_ptr<scalar_t>();
+  with_pack_width<scalar_t>(gate_vectorizable(a, {g, h, gh, gg}), [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    gated_backward_kernel<scalar_t, acc_t, VEC><<<elementwise_blocks(numel / VEC), kThreads, 0, stream>>>(
+        a, g, h, gh, gg);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ---------------------------------------------------------------- diffusion loss
+
+template <typename scalar_t, typename acc_t>
+struct LossArgs {
+  const scalar_t* out;    // [M, width], width = C or 2C
+  const scalar_t* noise;  // [M, C]
+  const scalar_t* x0;     // [M0, C] or null (learned only)
+  const int64_t* t;       // [M]
+  const acc_t* table;     // [T, 3]
+  int64_t rows, C, width, x0_rows, steps;
+  acc_t log2;
+  bool learned;
+};
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ LossCoefs<acc_t> row_loss_coefs(const LossArgs<scalar_t, acc_t>& a, int64_t step) {
+  CUDA_KERNEL_ASSERT(step >= 0 && step < a.steps);
+  return LossCoefs<acc_t>{a.table[step * 3], a.table[step * 3 + 1], a.table[step * 3 + 2]};
+}
+
+constexpr int kWarp = 32;
+constexpr int kLossWarps = kThreads / kWarp;  // rows per block per iteration
+
+// One warp per row (warp-uniform row loop); lanes stride over the C channels.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) loss_kernel(LossArgs<scalar_t, acc_t> a, acc_t* __restrict__ loss,
+                                                        acc_t* __restrict__ mse) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t C = a.C;
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(kLossWarps) + threadIdx.x / kWarp; r < a.rows;
+       r += static_cast<int64_t>(gridDim.x) * kLossWarps) {
+    const scalar_t* o = a.out + r * a.width;
+    const scalar_t* e = a.noise + r * C;
+    acc_t sq = 0;
+    for (int64_t j = lane; j < C; j += kWarp) {
+      const acc_t d = static_cast<acc_t>(o[j]) - static_cast<acc_t>(e[j]);
+      sq += d * d;
+    }
+    const acc_t m = warp_sum(sq) / acc_t(C);
+    acc_t l = m;
+    if (a.learned) {
+      const int64_t step = a.t[r];
+      const LossCoefs<acc_t> k = row_loss_coefs(a, step);
+      const scalar_t* x0r = a.x0 + (r % a.x0_rows) * C;
+      acc_t vb = 0;
+      for (int64_t j = lane; j < C; j += kWarp)
+        vb += vb_term(step == 0, static_cast<acc_t>(o[j]) - static_cast<acc_t>(e[j]), static_cast<acc_t>(o[C + j]),
+                      static_cast<acc_t>(x0r[j]), k)
+                  .value;
+      l = m + warp_sum(vb) / acc_t(C) / a.log2;
+    }
+    if (lane == 0) {
+      mse[r] = m;
+      loss[r] = l;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void loss_backward_kernel(LossArgs<scalar_t, acc_t> a, const acc_t* __restrict__ grad_loss,
+                                     scalar_t* __restrict__ grad) {
+  const int64_t C = a.C, numel = a.rows * a.width;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / a.width, j = i - r * a.width;
+    const scalar_t* o = a.out + r * a.width;
+    const scalar_t* e = a.noise + r * C;
+    const acc_t gl = grad_loss[r];
+    if (j < C) {
+      const acc_t g_mse = acc_t(2) * gl / acc_t(C);
+      grad[i] = static_cast<scalar_t>(g_mse * (static_cast<acc_t>(o[j]) - static_cast<acc_t>(e[j])));
+    } else {  // learned: the v half, channel jj
+      const int64_t jj = j - C;
+      const int64_t step = a.t[r];
+      const LossCoefs<acc_t> k = row_loss_coefs(a, step);
+      const scalar_t* x0r = a.x0 + (r % a.x0_rows) * C;
+      const acc_t g_vb = gl / acc_t(C) / a.log2;
+      grad[i] = static_cast<scalar_t>(
+          g_vb * vb_term(step == 0, static_cast<acc_t>(o[jj]) - static_cast<acc_t>(e[jj]), static_cast<acc_t>(o[j]),
+                         static_cast<acc_t>(x0r[jj]), k)
+                     .grad_v);
+    }
+  }
+}
+
+template <typename scalar_t>
+LossArgs<scalar_t, at::opmath_type<scalar_t>> loss_args(const LossCall& c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  LossArgs<scalar_t, acc_t> a;
+  a.out = c.model_output.const_data_ptr<scalar_t>();
+  a.noise = c.noise.const_data_ptr<scalar_t>();
+  a.x0 = c.learned ? c.x0.const_data_ptr<scalar_t>() : nullptr;
+  a.t = c.timesteps.const_data_ptr<int64_t>();
+  a.table = c.coefs.const_data_ptr<acc_t>();
+  a.rows = c.rows;
+  a.C = c.channels;
+  a.width = c.learned ? 2 * c.channels : c.channels;
+  a.x0_rows = c.learned ? c.x0_rows : 1;
+  a.steps = c.steps;
+  a.log2 = acc_t(std::log(2.0));
+  a.learned = c.learned;
+  return a;
+}
+
+template <typename scalar_t>
+void loss_typed(const LossCall& c, at::Tensor& loss, at::Tensor& mse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const c10::cuda::CUDAGuard guard(c.noise.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (c.rows == 0) return;
+  const LossArgs<scalar_t, acc_t> a = loss_args<scalar_t>(c);
+  loss_kernel<scalar_t, acc_t><<<row_grid((c.rows + kLossWarps - 1) / kLossWarps), kThreads, 0, stream>>>(
+      a, loss.mutable_data_ptr<acc_t>(), mse.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void loss_backward_typed(const LossCall& c, const at::Tensor& grad_loss, at::Tensor& grad_output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const c10::cuda::CUDAGuard guard(c.noise.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const LossArgs<scalar_t, acc_t> a = loss_args<scalar_t>(c);
+  const int64_t numel = a.rows * a.width;
+  if (numel == 0) return;
+  loss_backward_kernel<scalar_t, acc_t><<<elementwise_blocks(numel), kThreads, 0, stream>>>(
+      a, grad_loss.const_data_ptr<acc_t>(), grad_output.mutable_data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+DDG_SPLIT_TOKEN_LOOPS(CudaSplitTokenLoops);
+
+}  // namespace ddg::cuda
+
+TORCH_LIBRARY_IMPL(ddg, CUDA, m) { ddg::register_split_token_ops<ddg::cuda::CudaSplitTokenLoops>(m); }
