@@ -5,7 +5,8 @@ A family module defines PROVIDERS, MODES, ORACLE (the provider others are checke
 bytes are not the measure) and ``Case(kernel, shape, dtype, mode, device)`` whose ``step(provider)`` is
 the call to time and ``results(output)`` the tensors (outputs, gradients) that a step computed.
 Optional: ``DEFAULT_DTYPES``, ``kernel_modes(kernel)`` (the modes a kernel has), ``Case.note(provider)``
-(a remark for the row) and ``derived_rows``.
+(a remark for the row), ``Case.release()`` (free what earlier calls left, e.g. gradients, before the
+peak-memory run) and ``derived_rows``.
 """
 from __future__ import annotations
 
@@ -80,7 +81,10 @@ def bench_case(case, providers: Sequence[str], oracle: str, dtype: torch.dtype, 
             continue
         assert_matches(provider, got, expected, dtype)
         note = case.note(provider) if hasattr(case, "note") else ""
-        timings[provider] = Timing(time_fn(step, device, min_run_time), peak_mem_mb(step, device), note)
+        if hasattr(case, "release"):  # what earlier calls left behind (parameter grads) is not this call's memory
+            case.release()
+        peak = peak_mem_mb(step, device, compiled=provider == "compile")
+        timings[provider] = Timing(time_fn(step, device, min_run_time), peak, note)
     return timings
 
 

@@ -90,11 +90,11 @@ def copy_ceiling_gbps(device, nbytes: int, min_run_time: float = 0.2) -> float:
     return 2 * src.nbytes / (p50 * 1e-3) / 1e9
 
 
-def peak_mem_mb(fn: Callable[[], object], device) -> Optional[float]:
+def peak_mem_mb(fn: Callable[[], object], device, compiled: bool = False) -> Optional[float]:
     """Peak memory during one call (MiB): allocated CUDA memory (inputs included) on CUDA; on CPU the
-    peak growth of the heap over the call (see _cpu_memory: sampled, inputs excluded)."""
+    peak growth of the heap over the call (see _cpu_memory; inputs excluded)."""
     if torch.device(device).type != "cuda":
-        return cpu_peak_mem_mb(fn)
+        return cpu_peak_mem_mb(fn, trace_ops=not compiled)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()

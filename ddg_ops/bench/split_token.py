@@ -202,17 +202,18 @@ class Case:
         fn = self._call(provider)
         if self.mode == "forward":
             return lambda: _no_grad(fn)
-        params = [p for p in (self.head if provider == "ddg" else self.simple).parameters()]
-
         def forward_backward():
-            self.z.grad = None
-            for p in params:
-                p.grad = None
+            self.release()
             loss = fn()
             loss.backward()
             return loss
 
         return forward_backward
+
+    def release(self) -> None:
+        """Drop the gradients of the previous step (zero_grad(set_to_none=True) of a training loop)."""
+        for p in [self.z, *self.head.parameters(), *self.simple.parameters()]:
+            p.grad = None
 
     def results(self, out) -> List[torch.Tensor]:
         """The loss (and dL/dz in 'full' mode), or the sampled features."""
