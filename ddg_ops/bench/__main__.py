@@ -4,7 +4,7 @@ A family module defines PROVIDERS, MODES, ORACLE (the provider others are checke
 ``cases(quick, device)`` -> [(kernel, shape)], ``min_bytes(kernel, shape, dtype, mode)`` (None when
 bytes are not the measure) and ``Case(kernel, shape, dtype, mode, device)`` whose ``step(provider)`` is
 the call to time and ``results(output)`` the tensors (outputs, gradients) that a step computed.
-Optional: ``DEFAULT_DTYPES``, ``kernel_modes(kernel)`` (the modes a kernel has), ``Case.note(provider)``
+Optional: ``DEFAULT_DTYPES``, ``TOLERANCE`` (per dtype, replacing _utils.TOLERANCE), ``kernel_modes(kernel)`` (the modes a kernel has), ``Case.note(provider)``
 (a remark for the row), ``Case.release()`` (free what earlier calls left, e.g. gradients, before the
 peak-memory run) and ``derived_rows``.
 """
@@ -63,10 +63,10 @@ def _select_providers(requested: Sequence[str] | None, family) -> Sequence[str]:
     return [p for p in family.PROVIDERS if not requested or p in requested]
 
 
-def bench_case(case, providers: Sequence[str], oracle: str, dtype: torch.dtype, device: torch.device,
+def bench_case(family, case, providers: Sequence[str], dtype: torch.dtype, device: torch.device,
                min_run_time: float) -> Dict[str, Timing]:
     """Check every provider against the oracle once (this also warms it up), then time it."""
-    expected = case.results(case.step(oracle)())
+    expected = case.results(case.step(family.ORACLE)())
     timings = {}
     for provider in providers:
         try:
@@ -79,7 +79,7 @@ def bench_case(case, providers: Sequence[str], oracle: str, dtype: torch.dtype, 
             print(f"  {provider} failed: {note}", file=sys.stderr)
             timings[provider] = Timing(note=note)
             continue
-        assert_matches(provider, got, expected, dtype)
+        assert_matches(provider, got, expected, dtype, getattr(family, "TOLERANCE", None))
         note = case.note(provider) if hasattr(case, "note") else ""
         if hasattr(case, "release"):  # what earlier calls left behind (parameter grads) is not this call's memory
             case.release()
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"[{i}/{len(todo)}] {kernel} {mode} {dtype_name} {shape}", file=sys.stderr)
         dtype = DTYPES[dtype_name]
         case = family.Case(kernel, shape, dtype, mode, device)
-        timings = bench_case(case, providers, family.ORACLE, dtype, device, min_run_time)
+        timings = bench_case(family, case, providers, dtype, device, min_run_time)
         meta = {"kernel": kernel, "mode": mode, "dtype": dtype_name, "shape": "x".join(map(str, shape))}
         nbytes = family.min_bytes(kernel, shape, dtype, mode)
         new_rows = case_rows(meta, timings, family.PROVIDERS, nbytes, ceiling, env)
