@@ -1,0 +1,144 @@
+"""Datasets of the example. Nothing is downloaded: CIFAR-100 and ImageNet are read from ``--data-root``
+(a clear error says what is missing); the ``tiny`` preset uses scikit-learn's bundled digits."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DIGITS_SPLIT_SEED = 0  # the train/test split of digits is fixed, whatever the run's seed
+
+
+class EpochSampler(Sampler):
+    """A random permutation per epoch, drawn from ``seed`` and the epoch only (``set_epoch``), so an
+    epoch's order does not depend on what ran before it: resuming replays it exactly."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class DigitsDataset(Dataset):
+    """8x8 digits as 1x8x8 tensors in [0, 1] (augmentation happens per batch, in ``ShiftCollate``)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: bool = False):
+        self.images, self.labels, self.augment = images, labels, augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+
+class ShiftCollate:
+    """Stack a batch and shift each image by a random -1..1 pixels in x and y (zero padding), drawn from
+    torch's global generator (so a resumed run draws the same shifts)."""
+
+    def __call__(self, items):
+        x = torch.stack([i[0] for i in items])
+        y = torch.stack([torch.as_tensor(i[1]) for i in items])
+        B, _, H, W = x.shape
+        padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+        dy, dx = torch.randint(0, 3, (2, B))
+        rows = (dy[:, None] + torch.arange(H))[:, :, None]
+        cols = (dx[:, None] + torch.arange(W))[:, None, :]
+        return padded[torch.arange(B)[:, None, None], 0, rows, cols].unsqueeze(1), y
+
+
+def digits(augment: bool = True, limit: Optional[int] = None) -> Tuple[Dataset, Dataset]:
+    """scikit-learn's digits (1797 images, 10 classes), a fixed stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=data.target,
+                                           random_state=DIGITS_SPLIT_SEED)
+    if limit:
+        idx_train, idx_test = idx_train[:limit], idx_test[:limit]
+    return (DigitsDataset(x[idx_train], y[idx_train], augment),
+            DigitsDataset(x[idx_test], y[idx_test], False))
+
+
+def _missing(what: str, root: Path, expected: str, error: Exception) -> FileNotFoundError:
+    reason = str(error).split(". You can use download=True")[0]  # torchvision's hint does not apply here
+    return FileNotFoundError(f"{what} not found under --data-root {root} ({reason}). Nothing is downloaded: "
+                             f"put the dataset there ({expected}) or pass --data-root pointing at it.")
+
+
+def cifar100(root: str) -> Tuple[Dataset, Dataset]:
+    """torchvision's CIFAR100 (python version) from ``root``: random crop 32 (pad 4) + flip for training."""
+    from torchvision import datasets, transforms
+
+    normalize = transforms.Normalize(CIFAR_MEAN, CIFAR_STD)
+    train_tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), normalize])
+    test_tf = transforms.Compose([transforms.ToTensor(), normalize])
+    root = Path(root)
+    try:
+        return (datasets.CIFAR100(str(root), train=True, transform=train_tf, download=False),
+                datasets.CIFAR100(str(root), train=False, transform=test_tf, download=False))
+    except RuntimeError as e:
+        raise _missing("CIFAR-100", root, "the extracted 'cifar-100-python/' folder of the python version", e)
+
+
+def imagenet(root: str, crop_scale: Tuple[float, float] = (0.6, 1.0)) -> Tuple[Dataset, Dataset]:
+    """ImageFolder ``root/train`` (RandomResizedCrop 224 with ``crop_scale`` + flip) and ``root/val``
+    (resize 256, center crop 224)."""
+    from torchvision import datasets, transforms
+
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(224, scale=tuple(crop_scale)),
+                                   transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
+    test_tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                  normalize])
+    root = Path(root)
+    try:
+        return (datasets.ImageFolder(str(root / "train"), train_tf), datasets.ImageFolder(str(root / "val"), test_tf))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise _missing("ImageNet", root, "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG", e)
+
+
+def datasets_for(dataset: str, data_root: Optional[str], crop_scale=None, limit: Optional[int] = None):
+    if dataset == "digits":
+        return digits(limit=limit)
+    if data_root is None:
+        raise SystemExit(f"--data-root is required for {dataset}: nothing is downloaded")
+    if dataset == "cifar100":
+        train, test = cifar100(data_root)
+    elif dataset == "imagenet":
+        train, test = imagenet(data_root, crop_scale or (0.6, 1.0))
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}")
+    if limit:
+        train = torch.utils.data.Subset(train, range(min(limit, len(train))))
+        test = torch.utils.data.Subset(test, range(min(limit, len(test))))
+    return train, test
+
+
+def loaders(train: Dataset, test: Dataset, batch_size: int, seed: int, num_workers: int = 0,
+            eval_batch_size: Optional[int] = None) -> Tuple[DataLoader, DataLoader]:
+    """Training loader over ``EpochSampler`` (drop_last: every step sees a full batch) and a sequential
+    test loader. ``batch_size`` is per process. Digits with ``augment`` are shifted per batch."""
+    kw = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+    collate = ShiftCollate() if getattr(train, "augment", False) else None
+    train_loader = DataLoader(train, batch_size=batch_size, sampler=EpochSampler(len(train), seed), drop_last=True,
+                              collate_fn=collate, **kw)
+    test_loader = DataLoader(test, batch_size=eval_batch_size or batch_size, shuffle=False, **kw)
+    return train_loader, test_loader

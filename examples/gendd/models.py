@@ -1,0 +1,85 @@
+"""Backbones of the example: the classifier zoo (``ddg_models.classifiers``) for CIFAR / ImageNet, and two
+small CNNs for the ``tiny`` preset, behind one interface: ``features`` (pooled penultimate feature),
+``classifier`` (the final Linear) and ``feature_dim``."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+TINY = {"tiny_teacher": (32, 64, 128), "tiny_student": (8, 16, 32)}
+
+
+class TinyCNN(nn.Module):
+    """conv3x3-BN-ReLU stages (2x2 max-pool between them) on 1x8x8 digits, global average pool, Linear.
+    The pooled feature (post-ReLU, like a ResNet's) has ``widths[-1]`` dimensions."""
+
+    def __init__(self, widths: Sequence[int], num_classes: int, in_channels: int = 1):
+        super().__init__()
+        layers, c = [], in_channels
+        for i, w in enumerate(widths):
+            if i > 0:
+                layers.append(nn.MaxPool2d(2))
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            c = w
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, num_classes)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean((2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pooled(x))
+
+
+def _zoo():
+    try:
+        from ddg_models import classifiers
+    except ImportError as e:  # pragma: no cover - depends on the installed library version
+        raise ImportError(f"the CIFAR/ImageNet presets need ddg_models.classifiers ({e})") from e
+    return classifiers
+
+
+def build(name: str, num_classes: int) -> nn.Module:
+    """A freshly initialised classifier by name ('tiny_teacher', 'tiny_student' or a zoo name)."""
+    if name in TINY:
+        return TinyCNN(TINY[name], num_classes)
+    return _zoo().build_classifier(name, num_classes)
+
+
+def load(name: str, path: str, num_classes: int) -> nn.Module:
+    """A trained classifier from a local checkpoint (zoo formats; a tiny model's state dict)."""
+    if name in TINY:
+        model = build(name, num_classes)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        return model
+    return _zoo().load_classifier(name, path, num_classes)
+
+
+def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled penultimate feature [B, D] (what GenDD distils)."""
+    if isinstance(model, TinyCNN):
+        return model.pooled(x)
+    return _zoo().pooled_features(model, x)
+
+
+def classifier(model: nn.Module) -> nn.Linear:
+    if isinstance(model, TinyCNN):
+        return model.fc
+    return _zoo().classifier_of(model)
+
+
+def feature_dim(model: nn.Module) -> int:
+    if isinstance(model, TinyCNN):
+        return model.fc.in_features
+    return _zoo().feature_dim(model)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """eval() and no gradients (the teacher)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

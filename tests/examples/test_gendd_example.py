@@ -1,0 +1,360 @@
+"""examples/gendd: one training step of stage 1 and stage 2 (gradient routing), the beta2 ramp, LR schedules,
+weight-decay groups, exact resume, the evaluation path and the tiny preset end to end (smoke)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+for _module in ("accelerate", "sklearn", "matplotlib", "tqdm"):  # the 'models' extra
+    pytest.importorskip(_module)
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from examples.gendd import checkpoint, data, models, report  # noqa: E402
+from examples.gendd.evaluate import GenDDLogits, evaluate_gendd  # noqa: E402
+from examples.gendd.models import TinyCNN  # noqa: E402
+from examples.gendd.optim import EpochLR, beta2_at, build_optimizer, named_ln, param_groups  # noqa: E402
+from examples.gendd.presets import CIFAR_STAGE2, IMAGENET_STAGE1, PRESETS, StageConfig, _imagenet_stage2  # noqa: E402
+from examples.gendd.sampling import GenDDHead, skipping_clipped_step  # noqa: E402
+from examples.gendd.stages import (GenDDModel, Stage1Model, build_gendd_loss, gendd_loss,  # noqa: E402
+                                   load_stage1_backbone, stage1_loss, teacher_outputs)
+from examples.gendd.trainer import RunOptions, Stage, run_stage  # noqa: E402
+
+K = 10
+SMALL = PRESETS["tiny"].with_overrides(token_size=8, head_width=32, head_depth=2, batch_mul=2, eval_steps=3,
+                                       eval_samples=1)  # teacher D_T = 16 -> N = 2 tokens of 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _restore_determinism():
+    """train.main() switches deterministic algorithms on for CPU runs: do not leak that to other tests."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    from accelerate import Accelerator
+    return Accelerator(cpu=True)
+
+
+def tiny_pair(seed: int = 0):
+    torch.manual_seed(seed)
+    teacher = models.freeze(TinyCNN((8, 16), K))
+    student = TinyCNN((4, 8), K)
+    return teacher, student
+
+
+def stage2_model(seed: int = 0, perturb_head: bool = True):
+    teacher, student = tiny_pair(seed)
+    model = GenDDModel(student, build_gendd_loss(SMALL, student, teacher))
+    if perturb_head:  # the adaLN / output layers start at zero: no gradient reaches z before they move
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for layer in (model.gendd.head.adaln, model.gendd.head.final_linear):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.05)
+    return teacher, student, model
+
+
+def batch(n: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, K, (n,), generator=g)
+
+
+def backbone_params(student):
+    return [p for n, p in student.named_parameters() if not n.startswith("fc.")]
+
+
+# ------------------------------------------------------------------------------------------- one step
+
+def test_stage1_step_trains_backbone_and_projection_only():
+    teacher, student = tiny_pair()
+    model = Stage1Model(student, teacher)
+    assert isinstance(model.proj, nn.Linear) and model.proj.in_features == 8 and model.proj.out_features == 16
+    assert torch.equal(model.teacher_fc.weight, teacher.fc.weight)
+    loss, metrics = stage1_loss(model.train(), batch())
+    assert torch.isfinite(loss) and set(metrics) >= {"loss", "ce", "train_acc"}
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone_params(student))
+    assert model.proj.weight.grad is not None and model.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in student.fc.parameters())             # the student's fc is unused
+    assert all(p.grad is None for p in model.teacher_fc.parameters())       # frozen teacher classifier
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert not model.teacher_fc.training
+
+
+def test_stage2_step_routes_gradients():
+    teacher, student, model = stage2_model()
+    x, y = batch()
+    loss, metrics = gendd_loss(model.train(), teacher, (x, y))
+    assert torch.isfinite(loss) and set(metrics) >= {"loss", "diff", "mse", "vb", "ce", "train_acc"}
+    assert torch.allclose(loss, metrics["diff"] + metrics["ce"])
+
+    f_t, _ = teacher_outputs(teacher, x)
+    out, logits = model(x, f_t, y)
+    head = list(model.gendd.head.parameters())
+    norm = list(model.gendd.cond_norm.parameters())
+    out.loss.backward(retain_graph=True)  # the diffusion loss: backbone, cond_norm and head; never the fc
+    assert all(p.grad is not None for p in backbone_params(student) + head + norm)
+    assert sum(float(p.grad.abs().sum()) for p in backbone_params(student)) > 0
+    assert all(p.grad is None for p in student.fc.parameters())
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(logits, y).backward()  # the probe CE: the student's fc only
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.fc.parameters())
+    assert all(p.grad is None for p in backbone_params(student) + head + norm)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    # the contraction prototypes are the teacher classifier rows
+    assert torch.equal(model.gendd.prototypes, teacher.fc.weight)
+
+
+def test_stage2_loads_stage1_backbone_non_strictly():
+    teacher, student = tiny_pair()
+    stage1 = Stage1Model(student, teacher)
+    fresh = TinyCNN((4, 8), K)
+    info = load_stage1_backbone(fresh, stage1.state_dict())
+    assert info["missing"] == [] and info["unexpected"] == []
+    assert any(k.startswith("proj.") for k in info["dropped"])
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), student.state_dict().values()))
+
+
+# ------------------------------------------------------------------------------------------- optimiser
+
+def test_beta2_schedule():
+    assert beta2_at(0, 100, 0.95, 0.999) == pytest.approx(0.95)
+    assert beta2_at(100, 100, 0.95, 0.999) == pytest.approx(0.999)
+    assert beta2_at(50, 100, 0.95, 0.999) == pytest.approx((0.95 + 0.999) / 2)
+    for s in (0, 13, 77):
+        expected = 0.999 - 0.5 * (0.999 - 0.96) * (1 + torch.cos(torch.tensor(torch.pi * s / 77.0)).item())
+        assert beta2_at(s, 77, 0.96, 0.999) == pytest.approx(expected)
+    values = [beta2_at(s, 50, 0.95, 0.999) for s in range(51)]
+    assert all(a <= b for a, b in zip(values, values[1:]))
+
+
+def test_weight_decay_groups():
+    _, student, model = stage2_model(perturb_head=False)
+    model.ln = nn.LayerNorm(3)  # a parameter named like 'ln' is exempt, as in the original
+    cfg = CIFAR_STAGE2
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    exempt = {id(p) for p in groups["no_decay"]["params"]}
+    decayed = {id(p) for p in groups["decay"]["params"]}
+    assert exempt == {id(p) for p in model.gendd.head.parameters()} | {id(p) for p in model.ln.parameters()}
+    assert {id(p) for p in model.gendd.cond_norm.parameters()} <= decayed  # cond_norm keeps weight decay
+    assert {id(p) for p in student.parameters()} <= decayed
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 5e-2
+    optimizer = build_optimizer(model, cfg)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert all(g["betas"] == (0.9, 0.95) for g in optimizer.param_groups)
+    for name in ("ln.weight", "blocks.0.ln1.bias", "ln_f.weight", "encoder.ln.bias"):
+        assert named_ln(name), name
+    for name in ("layer1.0.bn1.weight", "kernel.weight", "fc.bias", "cond_norm.weight"):
+        assert not named_ln(name), name
+
+
+def test_lr_schedules():
+    step = EpochLR(CIFAR_STAGE2)  # warmup 50, x0.1 after 150 / 180 / 210 (1-based epochs)
+    assert step(0) == pytest.approx(1 / 50) and step(48) == pytest.approx(49 / 50) and step(49) == 1.0
+    assert step(149) == 1.0 and step(150) == pytest.approx(0.1) and step(180) == pytest.approx(0.01)
+    assert step(239) == pytest.approx(1e-3)
+    cos = EpochLR(_imagenet_stage2(10))  # warmup (e+1)/10, cosine to min_lr at the last epoch
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
+    assert cos(99) == pytest.approx(1e-6 / 2e-3)
+    assert EpochLR(IMAGENET_STAGE1)(0) < 1.0
+
+
+# ------------------------------------------------------------------------------------------- resume
+
+def _resume_run(ckpt_dir: Path, accelerator, stop_after=None, resume=False, init_seed=0):
+    from accelerate.utils import set_seed
+
+    set_seed(init_seed)
+    teacher, _ = tiny_pair(0)  # the frozen teacher is not in the checkpoint: the same one each time
+    torch.manual_seed(init_seed)
+    student = TinyCNN((4, 8), K)
+    # R = 40: M = 16 x 2 x 40 = 1280 rows > 1000 timesteps, so the head gathers the time MLP and the
+    # conditions (the index backward whose multi-threaded CPU kernel is racy without deterministic mode)
+    model = GenDDModel(student, build_gendd_loss(SMALL.with_overrides(batch_mul=40), student, teacher))
+    train, test = data.digits(limit=96)
+    train_loader, test_loader = data.loaders(train, test, 16, seed=0)
+    cfg = StageConfig(epochs=3, lr=2e-3, weight_decay=5e-2, schedule="step", warmup_epochs=1, milestones=(2,),
+                      beta2_min=0.95)
+
+    def evaluate(m, epoch, final):  # sampling evaluation in the loop must not disturb the training RNG
+        return evaluate_gendd(m, teacher, test_loader, num_steps=3, cfg_scale=2.0, num_samples=1, max_batches=1)
+
+    stage = Stage("gendd", model, cfg, lambda m, b: gendd_loss(m, teacher, b), evaluate, train_loader)
+    state = run_stage(stage, accelerator, RunOptions(ckpt_dir=ckpt_dir, resume=resume, quiet=True,
+                                                     stop_after_epochs=stop_after))
+    return model, state
+
+
+@pytest.fixture
+def two_deterministic_threads():
+    """The CLI's CPU setting (deterministic kernels) with two threads, where racy kernels would show."""
+    from examples.gendd.train import configure_determinism
+
+    threads, before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(2)
+    configure_determinism(True, cuda=False)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(before)
+
+
+def test_resume_is_bit_identical(tmp_path, accelerator, two_deterministic_threads):
+    straight, state_a = _resume_run(tmp_path / "a", accelerator)
+    _, partial = _resume_run(tmp_path / "b", accelerator, stop_after=2)
+    assert partial.epoch == 2 and not partial.done
+    torch.manual_seed(1234)  # a different RNG state and initialisation before resuming: the checkpoint wins
+    resumed, state_b = _resume_run(tmp_path / "b", accelerator, resume=True, init_seed=7)
+    assert state_a.done and state_b.done and state_a.step == state_b.step == 18
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    ckpt_a = torch.load(tmp_path / "a" / "gendd.pt", weights_only=False)
+    ckpt_b = torch.load(tmp_path / "b" / "gendd.pt", weights_only=False)
+    opt_a, opt_b = ckpt_a["optimizer"], ckpt_b["optimizer"]
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    assert opt_a["state"].keys() == opt_b["state"].keys() and opt_a["state"]
+    for i in opt_a["state"]:
+        for key, value in opt_a["state"][i].items():
+            assert torch.equal(value, opt_b["state"][i][key]), (i, key)
+    assert ckpt_a["scheduler"] == ckpt_b["scheduler"]
+    # beta2 after the last of 18 steps: the end of the ramp
+    assert opt_a["param_groups"][0]["betas"][1] == pytest.approx(beta2_at(17, 17, 0.95, 0.999))
+    strip = [{k: v for k, v in r.items() if k != "epoch_s"} for r in state_a.rows]
+    assert strip == [{k: v for k, v in r.items() if k != "epoch_s"} for r in state_b.rows]
+    assert checkpoint.exists(tmp_path / "b", "gendd")
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+def test_evaluation_outputs(accelerator):
+    teacher, student, model = stage2_model()
+    model.eval()
+    x, y = batch(5)
+    out = GenDDLogits(model, teacher.fc, num_steps=3, cfg_scale=2.0, num_samples=2, seed=0)(x)
+    assert set(out) == {"acc_probe", "acc_sample", "acc_sample_skip"}
+    assert all(v.shape == (5, K) and torch.isfinite(v).all() for v in out.values())
+    generated = model.gendd.sample(models.features(student, x), num_samples=2, num_steps=3)
+    assert generated.shape == (5, 16)
+    head = model.gendd.head
+    assert isinstance(head, GenDDHead)
+    with skipping_clipped_step(head, True):
+        skipped = head.sampling_schedule(20)
+    full = head.sampling_schedule(20)
+    assert full.num_timesteps == 20 and skipped.num_timesteps == 19  # the t = 999 step is left out
+    assert torch.equal(skipped.timestep_map, full.timestep_map[:-1]) and int(full.timestep_map.max()) == 999
+    assert torch.allclose(skipped.alphas_cumprod, full.alphas_cumprod[:-1])
+    _, test = data.digits(limit=12)
+    loader = torch.utils.data.DataLoader(test, batch_size=6)
+    acc = evaluate_gendd(model, teacher, loader, num_steps=3, cfg_scale=2.0, num_samples=1, max_batches=1)
+    assert set(acc) == {"acc_probe", "acc_sample", "acc_sample_skip"}
+    assert all(0.0 <= v <= 100.0 for v in acc.values())
+
+
+def test_missing_dataset_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data-root"):
+        data.cifar100(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="--data-root"):
+        data.imagenet(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------- tiny preset
+
+def test_tiny_preset_smoke(tmp_path):
+    from examples.gendd.train import main
+
+    out = tmp_path / "tiny"
+    results = main(["--preset", "tiny", "--smoke", "--quiet", "--out", str(out)])
+    for name in ("results.json", "results.md", "log.csv", "curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rows = report.read_csv(out / "log.csv")
+    assert {r["stage"] for r in rows} == {"teacher", "ce", "kd", "gendd", "gendd_probe"}
+    gendd = [r for r in rows if r["stage"] == "gendd"][-1]
+    assert all(isinstance(gendd[k], float) for k in ("loss", "mse", "vb", "ce", "lr", "beta2", "acc_sample",
+                                                      "acc_sample_skip", "acc_probe"))
+    table = (out / "results.md").read_text()
+    assert "KD" in table and "sampling" in table and "linear probe" in table
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["per_seed"]["0"]) >= {"teacher", "ce", "kd", "gendd_sample", "gendd_probe"}
+    # resuming a finished run retrains nothing and reports the same accuracies
+    again = main(["--preset", "tiny", "--smoke", "--quiet", "--out", str(out), "--resume"])
+    assert again["per_seed"] == results["per_seed"]
+
+
+def test_distill_pipeline_stages_on_stand_in_data(tmp_path, monkeypatch, accelerator):
+    """run_distill (the CIFAR/ImageNet path) end to end: stage 1 -> stage 2 -> probe, with small CNNs and
+    random 3x8x8 images standing in for the zoo models and the dataset; then stage 2 alone from the
+    stage-1 checkpoint (--stage1-ckpt)."""
+    from examples.gendd import pipeline
+
+    monkeypatch.setattr(models, "load", lambda name, path, k: TinyCNN((8, 16), k, in_channels=3))
+    monkeypatch.setattr(models, "build", lambda name, k: TinyCNN((4, 8), k, in_channels=3))
+    g = torch.Generator().manual_seed(0)
+    fake = [torch.utils.data.TensorDataset(torch.rand(n, 3, 8, 8, generator=g), torch.randint(0, K, (n,), generator=g))
+            for n in (32, 16)]
+    monkeypatch.setattr(data, "datasets_for", lambda *a, **kw: tuple(fake))
+    one = StageConfig(epochs=1, lr=1e-3, weight_decay=5e-2)
+    preset = PRESETS["res56_res20"].with_overrides(
+        num_classes=K, batch_size=8, token_size=8, head_width=32, batch_mul=2, eval_steps=3, eval_samples=1,
+        num_workers=0, stage1=one, stage2=replace_cfg(one, beta2_min=0.95), probe=replace_cfg(PRESETS["tiny"].probe,
+                                                                                              epochs=1))
+    out, teacher_ckpt = tmp_path / "distill", tmp_path / "teacher.pth"
+    teacher_ckpt.write_bytes(b"")  # read by the patched models.load, which ignores it
+    rc = pipeline.RunConfig(preset=preset, out=out, stages=("stage1", "stage2", "probe"),
+                            teacher_ckpt=str(teacher_ckpt), quiet=True)
+    results = pipeline.run_distill(rc, accelerator)
+    assert {"teacher_acc", "stage1_acc", "gendd_acc_sample", "gendd_acc_probe", "probe_acc"} <= set(results)
+    assert {r["stage"] for r in report.read_csv(out / "log.csv")} == {"stage1", "stage2", "probe"}
+    assert (out / "curves.png").is_file() and (out / "head" / "config.json").is_file()
+    rc2 = pipeline.RunConfig(preset=preset, out=tmp_path / "from_stage1", stages=("stage2",),
+                             teacher_ckpt=str(teacher_ckpt), stage1_ckpt=str(out / "checkpoints" / "stage1.pt"),
+                             quiet=True)
+    assert "gendd_acc_sample" in pipeline.run_distill(rc2, accelerator)
+
+
+def replace_cfg(cfg, **changes):
+    from dataclasses import replace
+    return replace(cfg, **changes)
+
+
+def test_distill_pipeline_with_zoo_classifiers(tmp_path, monkeypatch, accelerator):
+    """The CIFAR path with the classifier zoo: a resnet20 teacher checkpoint loaded from disk, a resnet8
+    student, one step per stage on random 3x32x32 images."""
+    classifiers = pytest.importorskip("ddg_models.classifiers")
+    from examples.gendd import pipeline
+
+    torch.manual_seed(0)
+    path = tmp_path / "resnet20.pth"
+    torch.save({"model": classifiers.build_classifier("resnet20", K).state_dict()}, path)
+    g = torch.Generator().manual_seed(0)
+    fake = [torch.utils.data.TensorDataset(torch.rand(n, 3, 32, 32, generator=g),
+                                           torch.randint(0, K, (n,), generator=g)) for n in (16, 8)]
+    monkeypatch.setattr(data, "datasets_for", lambda *a, **kw: tuple(fake))
+    one = StageConfig(epochs=1, lr=1e-3, weight_decay=5e-2)
+    preset = PRESETS["res56_res20"].with_overrides(
+        teacher="resnet20", student="resnet8", num_classes=K, batch_size=8, head_width=32, batch_mul=2,
+        eval_steps=3, eval_samples=1, num_workers=0, stage1=one, stage2=replace_cfg(one, beta2_min=0.95),
+        probe=replace_cfg(PRESETS["tiny"].probe, epochs=1))
+    rc = pipeline.RunConfig(preset=preset, out=tmp_path / "zoo", stages=("stage1", "stage2", "probe"),
+                            teacher_ckpt=str(path), steps_per_epoch=1, eval_batches=1, quiet=True)
+    results = pipeline.run_distill(rc, accelerator)
+    assert all(isinstance(results[k], float) for k in ("teacher_acc", "stage1_acc", "gendd_acc_sample",
+                                                       "gendd_acc_probe", "probe_acc"))
