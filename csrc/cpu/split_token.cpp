@@ -85,6 +85,22 @@ void prepare_typed(const PrepareCall& c, at::Tensor& x_t_out, at::Tensor& x0_out
 
 // ---------------------------------------------------------------- LayerNorm + adaLN
 
+// y = xhat * w + b on one SIMD pair at column i (w, bias optional: a LN without them).
+template <typename scalar_t>
+void apply_affine(typename VecIO<scalar_t>::Pair& y, const scalar_t* w, const scalar_t* bias, int64_t i) {
+  using IO = VecIO<scalar_t>;
+  if (w) {
+    const auto wv = IO::load(w + i);
+    y.lo = y.lo * wv.lo;
+    y.hi = y.hi * wv.hi;
+  }
+  if (bias) {
+    const auto bv = IO::load(bias + i);
+    y.lo = y.lo + bv.lo;
+    y.hi = y.hi + bv.hi;
+  }
+}
+
 template <typename scalar_t>
 void modulate_typed(const ModulateCall& c, at::Tensor& out_t, at::Tensor& mean_t, at::Tensor& rstd_t) {
   using IO = VecIO<scalar_t>;
@@ -116,16 +132,7 @@ void modulate_typed(const ModulateCall& c, at::Tensor& out_t, at::Tensor& mean_t
         const auto sc = IO::load(scale + i), sh = IO::load(shift + i);
         v.lo = (v.lo - vmean) * vrstd;
         v.hi = (v.hi - vmean) * vrstd;
-        if (w) {
-          const auto wv = IO::load(w + i);
-          v.lo = v.lo * wv.lo;
-          v.hi = v.hi * wv.hi;
-        }
-        if (bias) {
-          const auto bv = IO::load(bias + i);
-          v.lo = v.lo + bv.lo;
-          v.hi = v.hi + bv.hi;
-        }
+        apply_affine(v, w, bias, i);
         IO::store(o + i, {modulate_value(v.lo, sc.lo, sh.lo), modulate_value(v.hi, sc.hi, sh.hi)});
       }
       for (; i < W; ++i) {
@@ -198,18 +205,8 @@ struct ModulateRowGrad {
       typename IO::Pair xh{(xv.lo - vmean) * vrstd, (xv.hi - vmean) * vrstd};
       typename IO::Pair gxh{gv.lo * (one + sv.lo), gv.hi * (one + sv.hi)};
       typename IO::Pair y = xh;
-      if (w) {
-        const auto ww = IO::load(w + i);
-        gxh.lo = gxh.lo * ww.lo;
-        gxh.hi = gxh.hi * ww.hi;
-        y.lo = y.lo * ww.lo;
-        y.hi = y.hi * ww.hi;
-      }
-      if (bias) {
-        const auto bv = IO::load(bias + i);
-        y.lo = y.lo + bv.lo;
-        y.hi = y.hi + bv.hi;
-      }
+      apply_affine(y, w, bias, i);
+      apply_affine(gxh, w, static_cast<const scalar_t*>(nullptr), i);  // g_xhat = gy * w
       IO::store(dx + i, {layer_norm_input_grad(gxh.lo, xh.lo, vrstd, vmg, vmgx),
                          layer_norm_input_grad(gxh.hi, xh.hi, vrstd, vmg, vmgx)});
       IO::store(dscale + i, {gv.lo * y.lo, gv.hi * y.hi});

@@ -33,12 +33,7 @@ SMALL = PRESETS["tiny"].with_overrides(token_size=8, head_width=32, head_depth=2
                                        eval_samples=1)  # teacher D_T = 16 -> N = 2 tokens of 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

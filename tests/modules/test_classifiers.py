@@ -13,13 +13,7 @@ from ddg_models.classifiers import (CIFAR_CLASSIFIERS, CifarResNet, WideResNet, 
                                     feature_dim, load_classifier, pooled_features)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches: intra-op threads only add synchronisation on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Exact parameter counts of this implementation (CIFAR: 100 classes; ImageNet: 1000 classes). They

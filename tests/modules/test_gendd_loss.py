@@ -18,14 +18,7 @@ C, N, W, D_S, T, K = 4, 3, 16, 6, 20, 5  # token size, tokens, width, student di
 D_T = N * C
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add synchronisation (seconds per test on a
-    busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_simple(learn_sigma=True, dtype=torch.float64, seed=0) -> SimpleMLPAdaLN:

@@ -18,14 +18,7 @@ from tests._utils import assert_close, magnitude
 C, W, D_S, FREQ, T = 4, 16, 6, 16, 50  # token size, width, condition size, sinusoid size, timesteps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add synchronisation (seconds per test on a
-    busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_simple(depth=3, num_tokens=3, learn_sigma=True, dtype=torch.float32, std=0.3, seed=0) -> SimpleMLPAdaLN:
