@@ -10,11 +10,18 @@ from .simple_mlp_adaln import SimpleMLPAdaLN
 from .split_token_head import (SplitTokenDiffusionHead, SplitTokenHeadConfig, convert_simple_mlp_adaln_state_dict,
                                convert_split_token_head_state_dict)
 
-_LAZY = {"CFGSampler": "guided_sampling", "FusedGuidanceStep": "guided_sampling", "unet_denoiser": "guided_sampling"}
+# Name -> submodule, imported on first use (these need diffusers / transformers).
+_LAZY = {
+    "CFGSampler": "guided_sampling", "FusedGuidanceStep": "guided_sampling", "unet_denoiser": "guided_sampling",
+    # DDIS (issue 6)
+    # DP-DMD (issue 7)
+    # DDG (issue 8)
+}
 
-__all__ = ["CFGSampler", "FusedGuidanceStep", "unet_denoiser", "SimpleMLPAdaLN", "SplitTokenDiffusionHead",
+__all__ = ["SimpleMLPAdaLN", "SplitTokenDiffusionHead",
            "SplitTokenHeadConfig", "convert_simple_mlp_adaln_state_dict", "convert_split_token_head_state_dict",
            "CLASSIFIER_NAMES", "build_classifier", "classifier_of", "feature_dim", "load_classifier", "pooled_features"]
+__all__ += list(_LAZY)
 
 
 def __getattr__(name: str):

@@ -7,15 +7,14 @@ Files of a stage: ``<dir>/<stage>.pt`` (written atomically after every epoch) an
 """
 from __future__ import annotations
 
-import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 from torch import nn
+
+from ..common.rng import atomic_save, rng_state, set_rng_state
 
 
 @dataclass
@@ -27,30 +26,9 @@ class TrainState:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
-def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def paths(directory: Path, stage: str, rank: int = 0):
     directory = Path(directory)
     return directory / f"{stage}.pt", directory / f"{stage}.rng{rank}.pt"
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def save(directory: Path, stage: str, *, model: nn.Module, optimizer, scheduler, state: TrainState,
@@ -64,11 +42,11 @@ def save(directory: Path, stage: str, *, model: nn.Module, optimizer, scheduler,
         accelerator.wait_for_everyone()
     scaler = getattr(accelerator, "scaler", None)
     if main:
-        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "epoch": state.epoch, "step": state.step,
                       "beta2_step": state.step, "beta2": beta2, "rows": state.rows, "done": state.done,
                       "extra": state.extra, "scaler": scaler.state_dict() if scaler is not None else None}, ckpt)
-    _atomic_save(rng_state(), rng)
+    atomic_save(rng_state(), rng)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return ckpt

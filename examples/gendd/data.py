@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..common.digits import digits_split
+
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-DIGITS_SPLIT_SEED = 0  # the train/test split of digits is fixed, whatever the run's seed
 
 
 class EpochSampler(Sampler):
@@ -61,19 +61,9 @@ class ShiftCollate:
 
 
 def digits(augment: bool = True, limit: Optional[int] = None) -> Tuple[Dataset, Dataset]:
-    """scikit-learn's digits (1797 images, 10 classes), a fixed stratified 80/20 split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=data.target,
-                                           random_state=DIGITS_SPLIT_SEED)
-    if limit:
-        idx_train, idx_test = idx_train[:limit], idx_test[:limit]
-    return (DigitsDataset(x[idx_train], y[idx_train], augment),
-            DigitsDataset(x[idx_test], y[idx_test], False))
+    """scikit-learn's digits (1797 images, 10 classes), the fixed stratified 80/20 split of ``digits_split``."""
+    x_train, y_train, x_test, y_test = digits_split(limit=limit)
+    return DigitsDataset(x_train, y_train, augment), DigitsDataset(x_test, y_test, False)
 
 
 def _missing(what: str, root: Path, expected: str, error: Exception) -> FileNotFoundError:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence
+
+from ..common.tables import markdown_table, write_json  # noqa: F401  (re-exported for pipeline)
 
 COLUMNS = ["stage", "epoch", "step", "loss", "diff", "mse", "vb", "ce", "kd", "train_acc", "lr", "beta2",
            "acc", "acc_sample", "acc_sample_skip", "acc_probe", "epoch_s"]
@@ -75,17 +76,3 @@ def plot(path: Path, rows: Sequence[Dict], title: str = "") -> None:
 
 def _num(v) -> float:
     return float(v) if isinstance(v, (int, float)) else math.nan
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _cell(c) -> str:
-    return f"{c:.2f}" if isinstance(c, float) else str(c)
-
-
-def write_json(path: Path, obj) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, default=str))
