@@ -151,12 +151,15 @@ class GenDDLoss(nn.Module):
 
     @torch.no_grad()
     def sample(self, student_features: torch.Tensor, num_samples: int = 5, cfg_scale: float = 2.0,
-               temperature: float = 1.0, num_steps=100, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+               temperature: float = 1.0, num_steps=100, generator: Optional[torch.Generator] = None,
+               skip_clipped_step: bool = False) -> torch.Tensor:
         """Generated teacher features [B, D_T] for student features [B, D_S]: the mean over
-        ``num_samples`` draws of the head's CFG sampler conditioned on cond_norm(f_S)."""
+        ``num_samples`` draws of the head's CFG sampler conditioned on cond_norm(f_S)
+        (``skip_clipped_step``: see ``SplitTokenDiffusionHead.sample``)."""
         self._check_student(student_features, "sample")
         return self.head.sample(self.cond_norm(student_features), num_samples=num_samples, cfg_scale=cfg_scale,
-                                temperature=temperature, num_steps=num_steps, generator=generator, reduce="mean")
+                                temperature=temperature, num_steps=num_steps, generator=generator, reduce="mean",
+                                skip_clipped_step=skip_clipped_step)
 
     # ------------------------------------------------------------------------------ checks
 

@@ -88,9 +88,21 @@ class GaussianDiffusionSchedule:
             raise ValueError(f"GaussianDiffusionSchedule: 'name' must be one of {NOISE_SCHEDULES}, got {name!r}")
         return cls(_cosine_betas(num_timesteps) if name == "cosine" else _linear_betas(num_timesteps))
 
-    def respace(self, spacing: Union[int, str, Sequence[int]]) -> "GaussianDiffusionSchedule":
-        """The sub-schedule on the kept timesteps, with betas 1 - abar(t_i)/abar(t_{i-1})."""
+    def respace(self, spacing: Union[int, str, Sequence[int]],
+                skip_last_timestep: bool = False) -> "GaussianDiffusionSchedule":
+        """The sub-schedule on the kept timesteps, with betas 1 - abar(t_i)/abar(t_{i-1}).
+
+        ``skip_last_timestep`` leaves t = T-1 out of the kept steps (the reverse chain then starts at the
+        next kept timestep). Why: the cosine schedule clips beta at 0.999, so abar(T-1) = 2.4e-9 and the
+        first reverse step multiplies a model's epsilon error by sqrt(abar_next / abar(T-1)) (x1674 with
+        20 evenly strided steps); one step later N(0, I) is still the right prior (abar = 7e-3 at 20 steps).
+        """
         kept = space_timesteps(self.num_timesteps, spacing)
+        if skip_last_timestep:
+            kept = [t for t in kept if t < self.num_timesteps - 1]
+            if len(kept) < 2:
+                raise ValueError(f"GaussianDiffusionSchedule.respace: skip_last_timestep needs spacing {spacing!r} "
+                                 f"to keep at least 2 timesteps below T-1 = {self.num_timesteps - 1}")
         ac = self.alphas_cumprod[kept]
         prev = torch.cat([ac.new_ones(1), ac[:-1]])
         return GaussianDiffusionSchedule(1.0 - ac / prev, self.timestep_map[kept].tolist())

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddg_losses import GenDDLoss
+from ddg_models import SplitTokenDiffusionHead
 
 from . import models
 from .presets import Preset
-from .sampling import GenDDHead
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -78,7 +78,7 @@ def build_gendd_loss(preset: Preset, student: nn.Module, teacher: nn.Module) -> 
     d_s, d_t = models.feature_dim(student), models.feature_dim(teacher)
     if d_t % preset.token_size:
         raise ValueError(f"the teacher feature dim {d_t} is not a multiple of the token size {preset.token_size}")
-    head = GenDDHead(num_tokens=d_t // preset.token_size, cond_dim=d_s, token_size=preset.token_size,
+    head = SplitTokenDiffusionHead(num_tokens=d_t // preset.token_size, cond_dim=d_s, token_size=preset.token_size,
                                    width=preset.head_width, depth=preset.head_depth, learn_sigma=preset.learn_sigma)
     prototypes = models.classifier(teacher).weight.detach().float()
     return GenDDLoss(head, prototypes=prototypes, contraction=preset.contraction, mix_beta=preset.mix_beta,

@@ -163,7 +163,8 @@ def test_timestep_sinusoid_is_cos_first_with_the_spec_frequencies():
 
 # ---------------------------------------------------------------------------------- sampling
 
-def reference_sample(simple, head, cond, num_samples, cfg_scale, temperature, num_steps, seed, fixed_variance="large"):
+def reference_sample(simple, head, cond, num_samples, cfg_scale, temperature, num_steps, seed, fixed_variance="large",
+                     skip_clipped_step=False):
     """SimpleMLPAdaLN's straightforward sampler on GenDD's rows: cond replicated sample-major (s, b, k),
     with an unconditional (z = 0) copy of every row when guided."""
     B, N = cond.shape[0], head.config.num_tokens
@@ -171,7 +172,7 @@ def reference_sample(simple, head, cond, num_samples, cfg_scale, temperature, nu
     chunk = torch.arange(N).repeat(num_samples * B)
     if cfg_scale != 1.0:
         z, chunk = torch.cat([z, torch.zeros_like(z)]), torch.cat([chunk, chunk])
-    out = simple.sample(z, chunk, cfg=cfg_scale, temperature=temperature, schedule=head.sampling_schedule(num_steps),
+    out = simple.sample(z, chunk, cfg=cfg_scale, temperature=temperature, schedule=head.sampling_schedule(num_steps, skip_clipped_step),
                         generator=torch.Generator().manual_seed(seed), fixed_variance=fixed_variance)
     return out[: num_samples * B * N].reshape(num_samples, B, N * C)
 
@@ -189,6 +190,18 @@ def test_sampling_equals_simple_sampler(cfg_scale, learn_sigma, fixed_variance):
     mean = head.sample(cond, num_samples=2, cfg_scale=cfg_scale, temperature=0.7, num_steps=10,
                        generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(mean, expected.mean(0), atol=1e-9 * magnitude(expected), rtol=1e-9)
+
+
+def test_sampling_without_the_clipped_step_is_the_shorter_chain():
+    simple, head = pair(dtype=torch.float64, std=0.1)
+    cond = torch.randn(2, D_S, dtype=torch.float64)
+    got = head.sample(cond, num_samples=2, cfg_scale=2.0, num_steps=10, generator=torch.Generator().manual_seed(3),
+                      reduce="none", skip_clipped_step=True)
+    expected = reference_sample(simple, head, cond, 2, 2.0, 1.0, 10, seed=3, skip_clipped_step=True)
+    torch.testing.assert_close(got, expected, atol=1e-9 * magnitude(expected), rtol=1e-9)
+    as_coded = head.sample(cond, num_samples=2, cfg_scale=2.0, num_steps=10, generator=torch.Generator().manual_seed(3),
+                           reduce="none")
+    assert not torch.allclose(got, as_coded)
 
 
 def test_sampling_fp32_and_cfg_changes_the_result():

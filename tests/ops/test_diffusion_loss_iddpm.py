@@ -323,6 +323,25 @@ def test_respace_matches_spaced_diffusion(name, spacing):
                                torch.from_numpy(spaced.posterior_log_variance_clipped), atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("spacing", ["20", "100", "10,15,20"])
+def test_respace_skip_last_timestep_is_the_kept_steps_below_t_minus_1(spacing):
+    """The chain without t = T-1 is IDDPM's respacing on the remaining kept steps (betas re-derived from
+    their alpha_bar, the first one from alpha_bar = 1)."""
+    base = GaussianDiffusionSchedule.named("cosine", 1000)
+    full, skipped = base.respace(spacing), base.respace(spacing, skip_last_timestep=True)
+    assert int(full.timestep_map[-1]) == 999 and skipped.num_timesteps == full.num_timesteps - 1
+    assert torch.equal(skipped.timestep_map, full.timestep_map[:-1])
+    torch.testing.assert_close(skipped.alphas_cumprod, full.alphas_cumprod[:-1], atol=1e-15, rtol=1e-12)
+    kept = [t for t in space_timesteps(1000, spacing) if t < 999]
+    new_betas, _ = _spaced_betas(_get_named_beta_schedule("cosine", 1000), kept)
+    torch.testing.assert_close(skipped.betas, torch.from_numpy(new_betas), atol=1e-15, rtol=1e-12)
+
+
+def test_respace_skip_last_timestep_needs_two_steps_left():
+    with pytest.raises(ValueError, match="skip_last_timestep needs spacing 2 to keep at least 2"):
+        GaussianDiffusionSchedule.named("cosine", 1000).respace(2, skip_last_timestep=True)
+
+
 def test_space_timesteps_rejects_too_many_steps():
     with pytest.raises(ValueError, match="cannot take 11 steps from a section of 10"):
         space_timesteps(10, "11")
