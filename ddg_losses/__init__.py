@@ -12,6 +12,9 @@ from .gendd import GenDDDraws, GenDDLoss, GenDDLossOutput
 _LAZY = {
     # DDIS (issue 6)
     # DP-DMD (issue 7)
+    "NoisedDMDOutput": "dmd", "FakeScoreLoss": "dpdmd_fake_score", "FakeScoreOutput": "dpdmd_fake_score",
+    "AnchorLoss": "dpdmd_anchor", "anchor_target": "dpdmd_anchor", "TwoTimeScaleSchedule": "dpdmd_schedule",
+    "FlowMatchingNoise": "dpdmd_noise", "DDPMNoise": "dpdmd_noise", "NoiseLevel": "dpdmd_noise",
     # DDG (issue 8)
 }
 

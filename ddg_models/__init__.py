@@ -15,6 +15,10 @@ _LAZY = {
     "CFGSampler": "guided_sampling", "FusedGuidanceStep": "guided_sampling", "unet_denoiser": "guided_sampling",
     # DDIS (issue 6)
     # DP-DMD (issue 7)
+    "FewStepGenerator": "few_step_generator", "FewStepOutput": "few_step_generator",
+    "shifted_flow_sigmas": "few_step_generator", "CFGTeacher": "cfg_teacher",
+    "model_prediction": "model_call", "concat_conditions": "model_call",
+    "BackwardSimulationGenerator": "backward_simulation",
     # DDG (issue 8)
 }
 

@@ -1,0 +1,188 @@
+"""examples/dpdmd: the tiny 2-D preset end to end with exact resume, the SD3 pipeline on a tiny
+SD3Transformer2DModel (smoke, resume, the exported student), and a 2-process CPU accelerate run (DDP/gloo)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+for _module in ("accelerate", "diffusers", "transformers", "matplotlib", "tqdm"):  # the 'models' extra
+    pytest.importorskip(_module)
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from examples.dpdmd.presets import PRESETS  # noqa: E402
+from examples.dpdmd.toy2d import condition_metrics, run_tiny  # noqa: E402
+from examples.dpdmd.toy_data import RingMixture  # noqa: E402
+from examples.dpdmd.train import main  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL = dict(teacher_iters=150, iterations=24, eval_samples=200, eval_every=12, ckpt_every=12, batch=64)
+
+
+def test_ring_mixture_and_condition_metrics_on_known_samples():
+    data = RingMixture(3, 4, 2.5, 0.15, mode_decay=0.5)
+    labels = torch.full((4000,), 1)
+    x = data.sample(labels, torch.Generator().manual_seed(0))
+    full = condition_metrics(x, x, data, 1, cover_share=0.2)
+    assert full["coverage"] == 1.0 and full["on_mode"] > 0.99 and abs(full["energy_to_teacher"]) < 1e-9
+    heavy = data.centers()[data.modes_of(1)[0]] + 0.15 * torch.randn(4000, 2)  # all samples in one mode
+    dropped = condition_metrics(heavy, x, data, 1, cover_share=0.2)
+    assert dropped["coverage"] == 0.25 and dropped["energy_to_teacher"] > 0.5 and dropped["diversity"] < 0.5
+    torch.testing.assert_close(data.mode_weights(), torch.tensor([8.0, 4, 2, 1]) / 15)
+
+
+def test_tiny_preset_runs_and_resumes_exactly(tmp_path):
+    p = replace(PRESETS["tiny"], **SMALL)
+    straight = run_tiny(p, tmp_path / "a", ["dmd", "dpdmd"], quiet=True)
+    table = (tmp_path / "a" / "results.md").read_text()
+    assert "| dpdmd | mean |" in table and "| dmd | mean |" in table and "| teacher | mean |" in table
+    assert (tmp_path / "a" / "scatter.png").stat().st_size > 10_000
+    rows = list(csv.DictReader(open(tmp_path / "a" / "log.csv")))
+    assert [r["iteration"] for r in rows if r["method"] == "dpdmd"] == ["12", "24"]
+    assert all(float(r["anchor_loss"]) > 0 for r in rows if r["method"] == "dpdmd" and r["anchor_loss"])
+    # Stop after 12 iterations, then resume to 24 with the same teacher: the same students come out.
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "teacher.pt").write_bytes((tmp_path / "a" / "teacher.pt").read_bytes())
+    run_tiny(replace(p, iterations=12), tmp_path / "b", ["dpdmd"], quiet=True)
+    resumed = run_tiny(p, tmp_path / "b", ["dpdmd"], resume=True, quiet=True)
+    assert resumed["dpdmd"]["metrics"] == straight["dpdmd"]["metrics"]
+
+
+def _params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(before, module):
+    return [not torch.equal(a, b) for a, b in zip(before, module.parameters())]
+
+
+def test_distiller_updates_route_to_the_right_network():
+    """A fake iteration moves only the fake score; a student iteration only the student (teacher frozen), with
+    the norm before clipping logged and the clip applied (max-norm 1e-3 bounds the step of plain SGD)."""
+    from accelerate import Accelerator
+
+    from ddg_losses import FlowMatchingNoise
+    from ddg_models import CFGTeacher, FewStepGenerator, shifted_flow_sigmas
+    from examples.dpdmd.method import DistillConfig, Distiller
+    from examples.dpdmd.toy_models import VelocityMLP
+
+    torch.manual_seed(0)
+    net = VelocityMLP(3, width=32, depth=2)
+    teacher = CFGTeacher(VelocityMLP(3, width=32, depth=2).requires_grad_(False), 2.0)
+    teacher.model.load_state_dict(net.state_dict())
+    generator, fake = FewStepGenerator(VelocityMLP(3, width=32, depth=2)), VelocityMLP(3, width=32, depth=2)
+    lr, clip = 0.5, 1e-3
+    gen_opt, fake_opt = (torch.optim.SGD(m.parameters(), lr=lr) for m in (generator, fake))
+    schedule = FlowMatchingNoise(shifted_flow_sigmas(1000)[:-1], per_sample=True)
+    config = DistillConfig(guidance_scale=2.0, fake_per_generator=1, anchor_steps=3, teacher_steps=6, clip_norm=clip)
+    d = Distiller(config, Accelerator(cpu=True), generator, teacher, fake, gen_opt, fake_opt, schedule, schedule)
+    labels = torch.randint(0, 3, (16,))
+    cond, uncond = {"label": labels}, {"label": torch.full_like(labels, 3)}
+    g0, f0, t0 = _params(generator), _params(fake), _params(teacher)
+    logs = d.step(0, torch.randn(16, 2), cond, uncond)  # ratio 1: iteration 0 is a fake update
+    assert set(logs) == {"fake_loss", "fake_grad_norm"}
+    assert all(_changed(f0, fake)) and not any(_changed(g0, generator)) and not any(_changed(t0, teacher))
+    f1 = _params(fake)
+    logs = d.step(1, torch.randn(16, 2), cond, uncond)
+    assert {"dmd_loss", "anchor_loss", "generator_grad_norm"} <= set(logs) and logs["generator_grad_norm"] > clip
+    assert any(_changed(g0, generator)) and not any(_changed(f1, fake)) and not any(_changed(t0, teacher))
+    step = torch.cat([(a - b).flatten() for a, b in zip(g0, _params(generator))]).norm()
+    assert step <= lr * clip * (1 + 1e-4)  # SGD step = lr * clipped gradient
+
+
+def _rows(path):
+    return list(csv.DictReader(open(path)))
+
+
+def test_sd3_pipeline_smoke_resume_and_student_export(tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    out = tmp_path / "run"
+    main(["--preset", "sd3_smoke", "--out", str(out), "--quiet", "--cpu", "--max-steps", "3"])
+    assert len(_rows(out / "log.csv")) == 3 and (out / "samples_000003.png").is_file()
+    main(["--preset", "sd3_smoke", "--out", str(out), "--quiet", "--cpu", "--resume"])
+    rows = _rows(out / "log.csv")
+    assert [r["iteration"] for r in rows] == [str(i) for i in range(1, 7)]
+    generator_rows = [r for r in rows if r["dmd_loss"]]
+    assert [r["iteration"] for r in generator_rows] == ["3", "6"]  # TTUR 2: fake, fake, generator
+    assert all(float(r["anchor_loss"]) > 0 and float(r["generator_grad_norm"]) > 0 for r in generator_rows)
+    evals = _rows(out / "eval.csv")
+    assert [e["iteration"] for e in evals] == ["3", "6"] and all(0 <= float(e["diversity"]) <= 2 for e in evals)
+    student = SD3Transformer2DModel.from_pretrained(out / "student_transformer")
+    original = SD3Transformer2DModel.from_pretrained(out / "tiny_sd3", subfolder="transformer")
+    moved = [not torch.equal(a, b) for a, b in zip(student.state_dict().values(), original.state_dict().values())]
+    assert any(moved)
+    config = json.loads((out / "config.json").read_text())
+    assert "global FSDP gradient clipping" in config["deviations"]
+
+
+def test_sd3_preset_needs_local_weights(tmp_path):
+    with pytest.raises(SystemExit, match="needs --model"):
+        main(["--preset", "sd35m", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not a local StableDiffusion3Pipeline folder"):
+        main(["--preset", "sd35m", "--out", str(tmp_path), "--model", str(tmp_path), "--prompts", __file__,
+              "--cpu"])
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run(tmp_path):
+    """2 CPU processes (torchrun; accelerate reads its environment: DDP over gloo): both ranks train on their
+    own prompts, the evaluation is sharded and gathered. ``accelerate launch --cpu`` starts only one process
+    without MPI, and accelerate's FSDP refuses to run without an accelerator device."""
+    from examples.dpdmd.tiny_sd3 import build_tiny_sd3
+
+    model = build_tiny_sd3(tmp_path / "tiny_sd3")
+    with socket.socket() as sock:  # a free port for the rendezvous (0 cannot be shared by two processes)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(ROOT / "examples/dpdmd/train.py"), "--preset", "sd3_smoke", "--model", str(model),
+           "--prompts", str(model / "prompts.txt"), "--diversity-model", str(model / "clip_vision"),
+           "--out", str(tmp_path / "run"), "--quiet", "--cpu"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 iterations of 2 x 2 prompts" in result.stdout  # 6 prompts x 2 epochs / (2 per process x 2)
+    rows = _rows(tmp_path / "run" / "log.csv")
+    assert [r["iteration"] for r in rows] == ["1", "2", "3"] and float(rows[2]["generator_grad_norm"]) > 0
+    evals = _rows(tmp_path / "run" / "eval.csv")
+    assert len(evals) == 1 and 0 <= float(evals[0]["diversity"]) <= 2
+    assert (tmp_path / "run" / "student_transformer" / "config.json").is_file()
+
+
+def test_distiller_runs_the_dmd2_epsilon_variant():
+    """Epsilon teacher + backward-simulation generator + DDPM noise (DM loss t in [20, 980), fake loss
+    [0, 1000)) + TTUR every step: both networks update on the generator's iterations."""
+    from accelerate import Accelerator
+
+    from ddg_losses import DDPMNoise
+    from ddg_models import BackwardSimulationGenerator, CFGTeacher
+    from examples.dpdmd.method import DistillConfig, Distiller
+    from examples.dpdmd.toy_models import VelocityMLP
+
+    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    teacher = CFGTeacher(VelocityMLP(3, width=32, depth=2), 1.75, prediction="epsilon")
+    generator = BackwardSimulationGenerator(VelocityMLP(3, width=32, depth=2), ab)
+    fake = VelocityMLP(3, width=32, depth=2)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (generator, fake)]
+    config = DistillConfig(guidance_scale=1.75, fake_per_generator=2, ttur_mode="every_step", anchor_steps=0)
+    d = Distiller(config, Accelerator(cpu=True), generator, teacher, fake, *opts, DDPMNoise(ab, 20, 980),
+                  DDPMNoise(ab))
+    labels = torch.randint(0, 3, (8,))
+    cond, uncond = {"label": labels}, {"label": torch.full_like(labels, 3)}
+    assert {"dmd_loss", "fake_loss"} <= set(d.step(0, torch.randn(8, 2), cond, uncond))
+    assert set(d.step(1, torch.randn(8, 2), cond, uncond)) == {"fake_loss", "fake_grad_norm"}
+    with pytest.raises(ValueError, match="anchor_steps > 0 needs a generator that returns its first velocity"):
+        Distiller(replace(config, anchor_steps=2), Accelerator(cpu=True), generator, teacher, fake, *opts,
+                  DDPMNoise(ab, 20, 980), DDPMNoise(ab)).generator_step(torch.randn(8, 2), cond, uncond)
