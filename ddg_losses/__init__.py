@@ -16,6 +16,7 @@ _LAZY = {
     "AnchorLoss": "dpdmd_anchor", "anchor_target": "dpdmd_anchor", "TwoTimeScaleSchedule": "dpdmd_schedule",
     "FlowMatchingNoise": "dpdmd_noise", "DDPMNoise": "dpdmd_noise", "NoiseLevel": "dpdmd_noise",
     # DDG (issue 8)
+    "AlignmentLoss": "ddg", "DiffusionDistillationLoss": "ddg",
 }
 
 __all__ = ["DistributionMatchingLoss", "BNStatAlignmentLoss", "GenDDLoss", "GenDDLossOutput", "GenDDDraws"]
