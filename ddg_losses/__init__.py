@@ -11,6 +11,7 @@ from .gendd import GenDDDraws, GenDDLoss, GenDDLossOutput
 # Name -> submodule, imported on first use.
 _LAZY = {
     # DDIS (issue 6)
+    "KLDistillationLoss": "kd",
     # DP-DMD (issue 7)
     "NoisedDMDOutput": "dmd", "FakeScoreLoss": "dpdmd_fake_score", "FakeScoreOutput": "dpdmd_fake_score",
     "AnchorLoss": "dpdmd_anchor", "anchor_target": "dpdmd_anchor", "TwoTimeScaleSchedule": "dpdmd_schedule",

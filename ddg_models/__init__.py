@@ -14,6 +14,7 @@ from .split_token_head import (SplitTokenDiffusionHead, SplitTokenHeadConfig, co
 _LAZY = {
     "CFGSampler": "guided_sampling", "FusedGuidanceStep": "guided_sampling", "unet_denoiser": "guided_sampling",
     # DDIS (issue 6)
+    "DAGSampler": "dag_sampler", "ClassifierPreprocess": "dag_sampler", "ClassAlignmentTokens": "class_token",
     # DP-DMD (issue 7)
     "FewStepGenerator": "few_step_generator", "FewStepOutput": "few_step_generator",
     "shifted_flow_sigmas": "few_step_generator", "CFGTeacher": "cfg_teacher",

@@ -1,0 +1,65 @@
+"""Diffusion components, preprocessing and the DAG sampler of a preset. Nothing is downloaded: Stable
+Diffusion comes from a local diffusers directory (``--pretrained-model``), the teacher from a local checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+import torch
+from torch import nn
+
+from ddg_models import ClassifierPreprocess, DAGSampler
+
+SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def load_stable_diffusion(path, scheduler: str = "pndm") -> Dict[str, object]:
+    """unet, vae, text_encoder, tokenizer and the scheduler ('pndm': the pipeline's PNDM as the DDIS code;
+    'ddim': DDIM from the same scheduler config) from a local diffusers model directory."""
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = Path(path) if path else None
+    if root is None or not root.is_dir():
+        raise FileNotFoundError(f"--pretrained-model must be a local diffusers directory (e.g. a snapshot of "
+                                f"stabilityai/stable-diffusion-2-1-base), got {path!r}")
+    missing = [p for p in SD_PARTS if not (root / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{root} lacks the subfolders {missing} of a diffusers Stable Diffusion model")
+    schedulers = {"pndm": PNDMScheduler, "ddim": DDIMScheduler}
+    if scheduler not in schedulers:
+        raise ValueError(f"scheduler must be one of {sorted(schedulers)}, got {scheduler!r}")
+    parts = dict(unet=UNet2DConditionModel.from_pretrained(root / "unet"),
+                 vae=AutoencoderKL.from_pretrained(root / "vae"),
+                 text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder"),
+                 tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
+                 scheduler=schedulers[scheduler].from_pretrained(root / "scheduler"))
+    for name in ("unet", "vae", "text_encoder"):
+        parts[name].requires_grad_(False).eval()
+    return parts
+
+
+def preprocess_of(kind: str, size: int) -> nn.Module:
+    """'ddis_code' (nearest resize, no normalisation), 'imagenet' (antialiased bilinear + ImageNet mean/std)
+    or 'none' (clamp to [0, 1] only: a classifier trained on the decoded resolution and range)."""
+    if kind == "ddis_code":
+        return ClassifierPreprocess.ddis_code(size)
+    if kind == "imagenet":
+        return ClassifierPreprocess.imagenet(size)
+    if kind == "none":
+        return ClassifierPreprocess()
+    raise ValueError(f"preprocess must be 'ddis_code', 'imagenet' or 'none', got {kind!r}")
+
+
+def build_sampler(preset, parts: Dict[str, object], teacher: nn.Module, scheduler) -> DAGSampler:
+    return DAGSampler(parts["unet"], parts["vae"], scheduler, teacher, text_encoder=parts["text_encoder"],
+                      tokenizer=parts["tokenizer"], preprocess=preprocess_of(preset.dag_preprocess,
+                                                                              preset.classifier_size),
+                      eta=preset.eta, guidance_scale=preset.guidance_scale, bn_form=preset.bn_form,
+                      first_bn_multiplier=preset.first_bn_multiplier, guide_target=preset.guide_target,
+                      bn_batch=preset.bn_batch)
+
+
+def teacher_logits(teacher: nn.Module, preprocess: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Logits of images in [0, 1] (the preprocess modules take the VAE's [-1, 1] range)."""
+    return teacher(preprocess(images * 2 - 1))
