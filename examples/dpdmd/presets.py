@@ -16,7 +16,7 @@ class ToyPreset:
     modes_per_condition: int = 4
     radius: float = 2.5
     std: float = 0.15
-    mode_decay: float = 0.5            # mode weights 8:4:2:1 within a condition
+    mode_decay: float = 0.5            # mode weights 8:4:2:1 within a condition (0.25: see the README)
     width: int = 128
     depth: int = 3
     teacher_iters: int = 3000
@@ -24,6 +24,7 @@ class ToyPreset:
     teacher_lr: float = 2e-3
     label_dropout: float = 0.1
     student_steps: int = 4
+    student_init: str = "teacher"      # 'teacher' (the teacher's weights) | 'random'
     iterations: int = 1800             # 300 generator + 1500 fake updates at 5:1
     batch: int = 256
     lr_generator: float = 3e-4
@@ -33,6 +34,7 @@ class ToyPreset:
     per_sample_timesteps: bool = True
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(guidance_scale=2.0, anchor_steps=10))
     eval_samples: int = 2000           # per condition, final evaluation (periodic: a quarter of it)
+    mass_samples: int = 20000          # per condition, for the mass on each mode (light modes hold ~0.1-1%)
     eval_every: int = 300
     ckpt_every: int = 600
     cover_share: float = 0.2           # a mode counts as covered with >= 20% of its true share of the samples

@@ -36,9 +36,9 @@ METHODS = {
     "detach_only": dict(anchor_steps=0),                    # ablation: the block without the anchor
 }
 
-
-def _labels(cond: Dict[str, torch.Tensor]) -> torch.Tensor:
-    return cond["label"]
+# The preset fields the teacher depends on: the key of its cache (out/teacher.pt).
+TEACHER_FIELDS = ("seed", "num_conditions", "modes_per_condition", "radius", "std", "mode_decay", "width", "depth",
+                  "teacher_iters", "teacher_batch", "teacher_lr", "label_dropout")
 
 
 def _conditions(labels: torch.Tensor, null: int):
@@ -53,9 +53,13 @@ def train_teacher(p: ToyPreset, data: RingMixture, out: Path, quiet: bool) -> Ve
     path = out / "teacher.pt"
     torch.manual_seed(p.seed)
     model = VelocityMLP(data.num_conditions, width=p.width, depth=p.depth)
+    # The cached teacher is reused only for the same data and teacher settings (e.g. not after --mode-decay).
+    key = {name: getattr(p, name) for name in TEACHER_FIELDS}
     if path.is_file():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(saved, dict) and saved.get("key") == key:
+            model.load_state_dict(saved["state_dict"])
+            return model
     gen = torch.Generator().manual_seed(p.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=p.teacher_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, p.teacher_iters)
@@ -72,7 +76,7 @@ def train_teacher(p: ToyPreset, data: RingMixture, out: Path, quiet: bool) -> Ve
         loss.backward()
         opt.step()
         sched.step()
-    atomic_save(model.state_dict(), path)
+    atomic_save({"key": key, "state_dict": model.state_dict()}, path)
     return model
 
 
@@ -105,6 +109,20 @@ def condition_metrics(samples: torch.Tensor, reference: torch.Tensor, data: Ring
     return metrics
 
 
+def mode_mass(samples: List[torch.Tensor], data: RingMixture) -> List[List[float]]:
+    """Per condition, the % of its samples that lie on each of its modes (within 4 std of the centre; in
+    ``modes_of`` order: heaviest first). Stray samples between modes are not counted: a student can send
+    samples towards a light mode without landing on it. Measured on many samples, it shows how much of a
+    light mode a model keeps, which the thresholded coverage of ``condition_metrics`` (a few samples per
+    light mode at 2000 samples) cannot resolve."""
+    masses = []
+    for c, x in enumerate(samples):
+        on_mode = torch.cdist(x, data.centers().to(x)).min(dim=1).values < 4 * data.std
+        counts = nearest_center_counts(x[on_mode], data.centers())[data.modes_of(c)]
+        masses.append((100.0 * counts.double() / x.shape[0]).tolist())
+    return masses
+
+
 def evaluate(samples: List[torch.Tensor], reference: List[torch.Tensor], data: RingMixture, cover_share: float,
              paired: Optional[List[torch.Tensor]] = None) -> List[Dict[str, float]]:
     paired = paired or [None] * len(samples)
@@ -112,9 +130,20 @@ def evaluate(samples: List[torch.Tensor], reference: List[torch.Tensor], data: R
             for c, (s, r, q) in enumerate(zip(samples, reference, paired))]
 
 
+def initial_student(p: ToyPreset, teacher_net: VelocityMLP, data: RingMixture) -> VelocityMLP:
+    """The trainable student network: the teacher's weights ('teacher', as DP-DMD does) or a fresh MLP
+    ('random', seeded by p.seed + 2, the same for every method)."""
+    if p.student_init == "teacher":
+        return copy.deepcopy(teacher_net).requires_grad_(True)
+    if p.student_init != "random":
+        raise ValueError(f"initial_student: 'student_init' must be 'teacher' or 'random', got {p.student_init!r}")
+    torch.manual_seed(p.seed + 2)
+    return VelocityMLP(data.num_conditions, width=p.width, depth=p.depth)
+
+
 def distill(method: str, p: ToyPreset, teacher_net: VelocityMLP, data: RingMixture, reference, paired, out: Path,
             resume: bool, quiet: bool, cpu: bool) -> Dict:
-    """Train one student from the teacher's weights; resumable from out/<method>/checkpoint. ``paired``: the
+    """Train one student (initial weights: ``initial_student``); resumable from out/<method>/checkpoint. ``paired``: the
     teacher's samples from the noises of the final evaluation (seed + 200)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -123,8 +152,8 @@ def distill(method: str, p: ToyPreset, teacher_net: VelocityMLP, data: RingMixtu
     accelerator = Accelerator(cpu=cpu)  # one per student: its save_state holds this student's modules only
     torch.manual_seed(p.seed)
     teacher = CFGTeacher(copy.deepcopy(teacher_net), config.guidance_scale).to(accelerator.device)
-    # Student and fake score start from the teacher's weights (as in DP-DMD), trainable.
-    generator = FewStepGenerator(copy.deepcopy(teacher_net).requires_grad_(True), p.student_steps, config.shift,
+    # The fake score starts from the teacher's weights (as in DP-DMD); the student from p.student_init.
+    generator = FewStepGenerator(initial_student(p, teacher_net, data), p.student_steps, config.shift,
                                  config.detach_first_step)
     fake = copy.deepcopy(teacher_net).requires_grad_(True)
     gen_opt = torch.optim.AdamW(generator.parameters(), lr=p.lr_generator, weight_decay=0.0)
@@ -156,7 +185,9 @@ def distill(method: str, p: ToyPreset, teacher_net: VelocityMLP, data: RingMixtu
             checkpoint.save(accelerator, run_dir / "checkpoint", state)
     with torch.no_grad():
         samples = _sample_each_condition(lambda z, c, u: generator(z, c).sample, data, p.eval_samples, p.seed + 200)
+        many = _sample_each_condition(lambda z, c, u: generator(z, c).sample, data, p.mass_samples, p.seed + 400)
     return {"samples": samples, "rows": state["rows"], "seconds": state["seconds"],
+            "mode_mass": mode_mass(many, data),
             "metrics": evaluate(samples, reference, data, p.cover_share, paired), "config": asdict(config)}
 
 
@@ -211,13 +242,18 @@ def _run_tiny(p: ToyPreset, out: Path, methods, resume: bool, quiet: bool, cpu: 
     panels["teacher (30 steps)"] = _sample_each_condition(sample_teacher, data, p.eval_samples, p.seed + 200)
     results = {"teacher": {"metrics": evaluate(panels["teacher (30 steps)"], reference, data, p.cover_share),
                            "seconds": time.perf_counter() - t0}}
-    results["data"] = {"metrics": evaluate(panels["data"], reference, data, p.cover_share)}
-    # Where both students start: the teacher's weights, 4 Euler steps, no CFG.
-    init = FewStepGenerator(teacher.model, p.student_steps, p.distill.shift)
-    panels["student init (4 steps)"] = _sample_each_condition(lambda z, c, u: init(z, c).sample, data,
-                                                              p.eval_samples, p.seed + 200)
+    results["data"] = {"metrics": evaluate(panels["data"], reference, data, p.cover_share),
+                       "mode_mass": [(100 * data.mode_weights().double()).tolist()] * data.num_conditions}
+    results["teacher"]["mode_mass"] = mode_mass(
+        _sample_each_condition(sample_teacher, data, p.mass_samples, p.seed + 400), data)
+    # Where both students start (4 Euler steps, no CFG).
+    init = FewStepGenerator(initial_student(p, teacher_net, data), p.student_steps, p.distill.shift)
+    sample_init = lambda z, c, u: init.sample(z, c)  # noqa: E731
+    panels["student init (4 steps)"] = _sample_each_condition(sample_init, data, p.eval_samples, p.seed + 200)
     results["student init"] = {"metrics": evaluate(panels["student init (4 steps)"], reference, data,
-                                                   p.cover_share, panels["teacher (30 steps)"])}
+                                                   p.cover_share, panels["teacher (30 steps)"]),
+                               "mode_mass": mode_mass(_sample_each_condition(sample_init, data, p.mass_samples,
+                                                                             p.seed + 400), data)}
     for method in methods:
         res = distill(method, p, teacher_net, data, reference, panels["teacher (30 steps)"], out, resume, quiet, cpu)
         panels[f"{method} (4 steps)"] = res.pop("samples")
@@ -237,6 +273,13 @@ def report(results: Dict, p: ToyPreset, out: Path) -> Dict:
                          100 * m["on_mode"], f"{m['energy_to_teacher']:.4f}", m["diversity"],
                          100 * m["same_mode"] if "same_mode" in m else "-"])
     table = markdown_table(header, rows)
+    # Where each model puts its samples among a condition's modes ("data": the true weights).
+    mass_header = ["model", "condition"] + [f"mode {j} %" for j in range(p.modes_per_condition)]
+    mass_rows = [[name, str(c)] + [f"{v:.2f}" for v in masses]
+                 for name, res in results.items() for c, masses in enumerate(res["mode_mass"])]
+    table += f"\n\nMass on each mode (% of {p.mass_samples} samples per condition within 4 std of the mode; " \
+        "heaviest first):\n\n" + \
+        markdown_table(mass_header, mass_rows)
     (out / "results.md").write_text(table)
     history = [r for res in results.values() for r in res.get("rows", [])]
     if history:

@@ -45,6 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fake-per-generator", type=int, help="TTUR ratio")
     parser.add_argument("--batch-size", type=int, help="per process")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--student-init", choices=("teacher", "random"), help="tiny: the student's initial weights")
+    parser.add_argument("--lr-generator", type=float, help="tiny: the student's learning rate")
+    parser.add_argument("--lr-fake", type=float, help="tiny: the fake score's learning rate")
+    parser.add_argument("--mode-decay", type=float, help="tiny: mode weights decay^j within a condition")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is visible")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -56,6 +60,11 @@ def build_preset(args: argparse.Namespace):
                                  ("guidance_scale", args.guidance_scale),
                                  ("fake_per_generator", args.fake_per_generator)) if v is not None}
     changes = {k: v for k, v in (("seed", args.seed),) if v is not None}
+    tiny_only = {k: v for k, v in (("student_init", args.student_init), ("lr_generator", args.lr_generator),
+                                   ("lr_fake", args.lr_fake), ("mode_decay", args.mode_decay)) if v is not None}
+    if tiny_only and not isinstance(preset, ToyPreset):
+        raise SystemExit(f"--{next(iter(tiny_only)).replace('_', '-')} is for the tiny preset")
+    changes.update(tiny_only)
     if args.batch_size is not None:
         changes["batch" if isinstance(preset, ToyPreset) else "batch_size"] = args.batch_size
     if args.iterations is not None:

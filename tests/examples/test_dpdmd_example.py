@@ -22,12 +22,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from examples.dpdmd.presets import PRESETS  # noqa: E402
-from examples.dpdmd.toy2d import condition_metrics, run_tiny  # noqa: E402
+from examples.dpdmd.toy2d import condition_metrics, initial_student, run_tiny, train_teacher  # noqa: E402
 from examples.dpdmd.toy_data import RingMixture  # noqa: E402
-from examples.dpdmd.train import main  # noqa: E402
+from examples.dpdmd.train import build_preset, main, parse_args  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SMALL = dict(teacher_iters=150, iterations=24, eval_samples=200, eval_every=12, ckpt_every=12, batch=64)
+SMALL = dict(teacher_iters=150, iterations=24, eval_samples=200, eval_every=12, ckpt_every=12, batch=64,
+             mass_samples=500)
 
 
 def test_ring_mixture_and_condition_metrics_on_known_samples():
@@ -47,6 +48,9 @@ def test_tiny_preset_runs_and_resumes_exactly(tmp_path):
     straight = run_tiny(p, tmp_path / "a", ["dmd", "dpdmd"], quiet=True)
     table = (tmp_path / "a" / "results.md").read_text()
     assert "| dpdmd | mean |" in table and "| dmd | mean |" in table and "| teacher | mean |" in table
+    assert "Mass on each mode" in table and "| data | 0 | 53.33 | 26.67 | 13.33 | 6.67 |" in table  # 8:4:2:1
+    for name in ("teacher", "student init", "dmd", "dpdmd"):  # each condition's modes hold <= all its samples
+        assert all(len(m) == 4 and 0 < sum(m) <= 100 + 1e-9 for m in straight[name]["mode_mass"])
     assert (tmp_path / "a" / "scatter.png").stat().st_size > 10_000
     rows = list(csv.DictReader(open(tmp_path / "a" / "log.csv")))
     assert [r["iteration"] for r in rows if r["method"] == "dpdmd"] == ["12", "24"]
@@ -57,6 +61,36 @@ def test_tiny_preset_runs_and_resumes_exactly(tmp_path):
     run_tiny(replace(p, iterations=12), tmp_path / "b", ["dpdmd"], quiet=True)
     resumed = run_tiny(p, tmp_path / "b", ["dpdmd"], resume=True, quiet=True)
     assert resumed["dpdmd"]["metrics"] == straight["dpdmd"]["metrics"]
+
+
+def test_student_init_and_the_teacher_cache_key(tmp_path):
+    p = replace(PRESETS["tiny"], teacher_iters=3, width=16, depth=2)
+    data = RingMixture(p.num_conditions, p.modes_per_condition, p.radius, p.std, p.mode_decay)
+    teacher = train_teacher(p, data, tmp_path, quiet=True)
+    weights = lambda m: list(m.state_dict().values())  # noqa: E731
+    copied = initial_student(p, teacher, data)
+    assert all(torch.equal(a, b) for a, b in zip(weights(copied), weights(teacher)))
+    assert all(q.requires_grad for q in copied.parameters())
+    fresh = initial_student(replace(p, student_init="random"), teacher, data)
+    assert not torch.equal(weights(fresh)[0], weights(teacher)[0])
+    assert all(torch.equal(a, b) for a, b in zip(weights(fresh), weights(initial_student(
+        replace(p, student_init="random"), teacher, data))))  # seeded: the same for every method
+    with pytest.raises(ValueError, match="initial_student: 'student_init'"):
+        initial_student(replace(p, student_init="pretrained"), teacher, data)
+    # The cache is reused for the same settings and retrained (not silently reused) for other data.
+    assert all(torch.equal(a, b) for a, b in zip(weights(train_teacher(p, data, tmp_path, True)), weights(teacher)))
+    other = replace(p, mode_decay=0.25)
+    retrained = train_teacher(other, RingMixture(3, 4, 2.5, 0.15, 0.25), tmp_path, True)
+    assert not all(torch.equal(a, b) for a, b in zip(weights(retrained), weights(teacher)))
+
+
+def test_tiny_overrides_from_the_command_line():
+    p = build_preset(parse_args(["--student-init", "random", "--lr-generator", "1e-3", "--lr-fake", "1e-4",
+                                 "--mode-decay", "0.25", "--fake-per-generator", "1"]))
+    assert (p.student_init, p.lr_generator, p.lr_fake, p.mode_decay) == ("random", 1e-3, 1e-4, 0.25)
+    assert p.distill.fake_per_generator == 1
+    with pytest.raises(SystemExit, match="--mode-decay is for the tiny preset"):
+        build_preset(parse_args(["--preset", "sd3_smoke", "--mode-decay", "0.25"]))
 
 
 def _params(module):
