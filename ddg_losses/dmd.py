@@ -68,7 +68,7 @@ class DistributionMatchingLoss(nn.Module):
                              f"{self.prediction!r}, got {type(schedule).__name__} "
                              f"({getattr(schedule, 'prediction', None)!r})")
         level = schedule.draw(x.shape[0], x.device, generator)
-        noise = schedule.noise_like(x, generator) if noise is None else noise
+        noise = schedule.noise_for("DistributionMatchingLoss.noised", x, noise, generator)
         x_t = schedule.add_noise(x.detach(), noise, level)
         with torch.no_grad():
             uncond, cond = real(x_t, level.timestep)

@@ -30,7 +30,7 @@ class FakeScoreLoss(nn.Module):
 
     def __init__(self, schedule):
         super().__init__()
-        if not all(hasattr(schedule, a) for a in ("draw", "add_noise", "target", "prediction")):
+        if not all(hasattr(schedule, a) for a in ("draw", "add_noise", "target", "prediction", "noise_for")):
             raise TypeError(f"FakeScoreLoss: 'schedule' must be a FlowMatchingNoise or DDPMNoise, got "
                             f"{type(schedule).__name__}")
         self.schedule = schedule
@@ -43,7 +43,7 @@ class FakeScoreLoss(nn.Module):
                              f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
         x = x.detach()
         level = self.schedule.draw(x.shape[0], x.device, generator)
-        noise = self.schedule.noise_like(x, generator) if noise is None else noise
+        noise = self.schedule.noise_for("FakeScoreLoss", x, noise, generator)
         pred = fake(self.schedule.add_noise(x, noise, level), level.timestep)
         loss = (pred.float() - self.schedule.target(x, noise)).square().mean()
         return FakeScoreOutput(loss, level)

@@ -42,6 +42,17 @@ class _NoiseSchedule:
     def noise_like(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
 
+    def noise_for(self, owner: str, x: torch.Tensor, noise: Optional[torch.Tensor] = None,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The given ``noise`` (checked: one value per element of ``x``) or fresh noise drawn with ``generator``.
+        A smaller noise tensor would broadcast in the mix and silently share one draw across samples."""
+        if noise is None:
+            return self.noise_like(x, generator)
+        if not isinstance(noise, torch.Tensor) or noise.shape != x.shape:
+            got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"{owner}: 'noise' must be a tensor shaped like 'x' {tuple(x.shape)}, got {got}")
+        return noise
+
 
 class FlowMatchingNoise(_NoiseSchedule):
     """Rectified-flow noising with sigma drawn from ``sigmas`` (values in [0, 1]).

@@ -284,6 +284,12 @@ class DAGSampler:
         embeds = torch.cat([uncond_embeds.expand(n, -1, -1), cond_embeds])
         losses = []
         timesteps = list(self.scheduler.timesteps)
+        # An index past the schedule (or a negative one meaning "from the end") would silently guide nothing.
+        outside = sorted(i for i in guided if not 0 <= i < len(timesteps))
+        if outside:
+            raise ValueError(f"DAGSampler.__call__: 'guided_steps' must be step indices in [0, {len(timesteps)}) "
+                             f"({type(self.scheduler).__name__} has {len(timesteps)} timesteps for "
+                             f"{num_inference_steps} inference steps), got {outside}")
         for i, t in enumerate(progress(timesteps) if progress is not None else timesteps):
             # The tail: index num_inference_steps - 1 on. One step for DDIM; PNDM's PLMS has one timestep more
             # than inference steps, and the DDIS code runs both of its tail steps with autograd on.

@@ -204,3 +204,13 @@ def test_bad_inputs():
         sampler(cond, uncond, latents=latents, num_inference_steps=3)
     with pytest.raises(ValueError, match="encode_prompt.*text_encoder"):
         sampler.encode_prompt(["a"])
+
+
+@pytest.mark.parametrize("kind, steps", [("ddim", [3]), ("ddim", [-1]), ("pndm", [0, 4])])
+def test_guided_steps_outside_the_schedule_are_rejected(kind, steps):
+    # They used to be ignored: the call returned plain CFG samples as if DAG had run.
+    unet, vae, classifier = tiny_parts()
+    sampler = DAGSampler(unet, vae, sd_scheduler(kind), classifier.eval(), preprocess=ClassifierPreprocess())
+    cond, uncond, latents = inputs()
+    with pytest.raises(ValueError, match=r"DAGSampler.__call__: 'guided_steps' must be step indices in \[0, "):
+        sampler(cond, uncond, latents=latents, num_inference_steps=3, guided_steps=steps)

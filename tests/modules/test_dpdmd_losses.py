@@ -190,3 +190,16 @@ def test_ttur_rejects_bad_arguments():
     with pytest.raises(ValueError, match="'iteration' must be an int >= 0"):
         TwoTimeScaleSchedule(5).phases(-1)
 
+
+
+@pytest.mark.parametrize("bad", [torch.randn(1, 4, 5, 5), torch.randn(4, 5, 5), "noise"])
+def test_given_noise_must_match_x_instead_of_broadcasting(bad):
+    # A [1, ...] or [C, H, W] noise used to broadcast in the mix: every sample silently got the same draw.
+    x = torch.randn(SHAPE)
+    flow = FlowMatchingNoise(torch.linspace(0.05, 1.0, 20))
+    with pytest.raises(ValueError, match=r"FakeScoreLoss: 'noise' must be a tensor shaped like 'x' \(3, 4, 5, 5\)"):
+        FakeScoreLoss(flow)(lambda x_t, t: x_t, x, noise=bad)
+    with pytest.raises(ValueError, match="DistributionMatchingLoss.noised: 'noise' must be a tensor shaped like 'x'"):
+        DistributionMatchingLoss(3.5).noised(x, lambda x_t, t: (x_t, x_t), lambda x_t, t: x_t, flow, noise=bad)
+    with pytest.raises(ValueError, match="FakeScoreLoss: 'noise' must be a tensor shaped like 'x'"):
+        FakeScoreLoss(DDPMNoise(torch.linspace(0.99, 0.01, 50)))(lambda x_t, t: x_t, x, noise=bad)
