@@ -76,7 +76,7 @@ class ClassAlignmentTokens:
         self._mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
         self._reference = weight.detach().clone()
         self.set_trainable()
-        self._hook = weight.register_hook(lambda grad: grad * self._mask.to(grad.dtype))
+        self._hook = weight.register_hook(lambda grad: grad * self._mask.to(grad.device, grad.dtype))
 
     # -- access --------------------------------------------------------------------------------
     @property
@@ -128,7 +128,7 @@ class ClassAlignmentTokens:
         """Write back every row that is not trainable (after ``optimizer.step()``: decoupled weight decay
         shrinks rows whose gradient is zero)."""
         weight = self.embedding_weight
-        frozen = ~self._mask.squeeze(1).bool()
+        frozen = ~self._mask.squeeze(1).bool().to(weight.device)  # the encoder may have moved since __init__
         weight[frozen] = self._reference.to(weight.device, weight.dtype)[frozen]
 
     @torch.no_grad()

@@ -146,13 +146,16 @@ class DAGSampler:
         guidance_scale: CFG scale (DDIS: 10).
         bn_form, bn_layers, first_bn_multiplier: passed to :class:`BNStatAlignmentLoss`.
         guide_target: 'z_t' (code) or 'x0' (Tweedie).
+        x0_unet_grad: with 'x0', backpropagate the BN loss through the UNet's prediction too (DiffDFKD; the
+            spec's x̂_0 variant). Default False: decoder and classifier only, no UNet graph kept.
         bn_batch: 'per_image' (one classifier forward per image) or 'batch' (statistics over the batch).
     """
 
     def __init__(self, unet, vae, scheduler, classifier: nn.Module, *, text_encoder=None, tokenizer=None,
                  preprocess: Optional[nn.Module] = None, eta: Eta = 5e-4, guidance_scale: float = 10.0,
                  bn_form: str = "unsquared", bn_layers: Optional[Sequence[str]] = None,
-                 first_bn_multiplier: float = 1.0, guide_target: str = "z_t", bn_batch: str = "per_image"):
+                 first_bn_multiplier: float = 1.0, guide_target: str = "z_t", bn_batch: str = "per_image",
+                 x0_unet_grad: bool = False):
         name = "DAGSampler"
         if not isinstance(classifier, nn.Module):
             raise TypeError(f"{name}: 'classifier' must be an nn.Module, got {type(classifier).__name__}")
@@ -165,6 +168,9 @@ class DAGSampler:
             raise ValueError(f"{name}: 'bn_batch' must be one of {BN_BATCHES}, got {bn_batch!r}")
         if not _finite_number(guidance_scale):
             raise ValueError(f"{name}: 'guidance_scale' must be a finite number, got {guidance_scale!r}")
+        if not isinstance(x0_unet_grad, bool) or (x0_unet_grad and guide_target != "x0"):
+            raise ValueError(f"{name}: 'x0_unet_grad' is a bool that only applies to guide_target='x0', got "
+                             f"{x0_unet_grad!r} with guide_target={guide_target!r}")
         if guide_target == "x0" and not hasattr(scheduler, "alphas_cumprod"):
             raise ValueError(f"{name}: guide_target='x0' needs a scheduler with 'alphas_cumprod' (DDPM-family), "
                              f"got {type(scheduler).__name__}")
@@ -175,7 +181,7 @@ class DAGSampler:
         self.preprocess = preprocess if preprocess is not None else ClassifierPreprocess.ddis_code()
         self.eta = eta
         self.guidance_scale = float(guidance_scale)
-        self.guide_target, self.bn_batch = guide_target, bn_batch
+        self.guide_target, self.bn_batch, self.x0_unet_grad = guide_target, bn_batch, x0_unet_grad
         self.bn_loss = BNStatAlignmentLoss(classifier, layers=bn_layers, form=bn_form,
                                            first_bn_multiplier=first_bn_multiplier)
         self.bn_loss.enabled = False  # on only inside the guidance step: plain classifier calls add nothing
@@ -239,8 +245,9 @@ class DAGSampler:
         return uncond, cond
 
     def _tweedie(self, latents, t, embeds):
-        """x̂_0(z) with the CFG prediction at z as a constant."""
-        with torch.no_grad():
+        """x̂_0(z): the CFG prediction at z is a constant, or with ``x0_unet_grad`` part of the graph (the
+        gradient then also flows through the UNet's Jacobian, at the memory of a UNet backward)."""
+        with torch.set_grad_enabled(self.x0_unet_grad):
             uncond, cond = self._model_output(latents, t, embeds)
             pred = uncond + self.guidance_scale * (cond - uncond)
         dtype = torch.float64 if latents.dtype == torch.float64 else torch.float32

@@ -65,14 +65,15 @@ def reference_bn_loss(classifier, x):
     return sum(terms)
 
 
-def reference_sample(unet, vae, classifier, scheduler, cond, uncond, latents, steps, eta, scale, size, target="z_t"):
+def reference_sample(unet, vae, classifier, scheduler, cond, uncond, latents, steps, eta, scale, size, target="z_t",
+                     unet_grad=False):
     scheduler.set_timesteps(steps)
     z = latents * scheduler.init_noise_sigma
     embeds = torch.cat([uncond.expand(len(cond), -1, -1), cond])
     losses = []
 
-    def cfg(zz, t):
-        with torch.no_grad():
+    def cfg(zz, t, grad=False):
+        with torch.set_grad_enabled(grad):
             u, c = unet(torch.cat([zz, zz]), t, encoder_hidden_states=embeds).sample.chunk(2)
         return u + scale * (c - u)
 
@@ -81,7 +82,7 @@ def reference_sample(unet, vae, classifier, scheduler, cond, uncond, latents, st
             zg = z.detach().requires_grad_(True)
             if target == "x0":
                 a = scheduler.alphas_cumprod[int(t)]
-                dec_in = (zg - (1 - a).sqrt() * cfg(zg, t)) / a.sqrt()
+                dec_in = (zg - (1 - a).sqrt() * cfg(zg, t, unet_grad)) / a.sqrt()
             else:
                 dec_in = zg
             x = (vae.decode(dec_in / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
@@ -109,6 +110,24 @@ def test_matches_hand_written_loop(kind, target):
     assert not torch.allclose(plain.latents, out.latents, atol=1e-4)  # the guidance did something
     torch.testing.assert_close(out.images, (vae.decode(ref / 0.5).sample / 2 + 0.5).clamp(0, 1), atol=1e-6,
                                rtol=1e-6)
+
+
+def test_x0_guidance_through_the_unet_matches_full_autograd():
+    unet, vae, classifier = (m.double() for m in tiny_parts())
+    cond, uncond, latents = (x.double() for x in inputs())
+    kw = dict(preprocess=ClassifierPreprocess.ddis_code(12), eta=0.05, guidance_scale=4.0, guide_target="x0",
+              bn_batch="batch")
+    through = DAGSampler(unet, vae, sd_scheduler("ddim"), classifier, x0_unet_grad=True, **kw)
+    out = through(cond, uncond, latents=latents.clone(), num_inference_steps=4)
+    ref, _ = reference_sample(unet, vae, classifier, sd_scheduler("ddim"), cond, uncond, latents, 4, 0.05, 4.0, 12,
+                              "x0", unet_grad=True)
+    torch.testing.assert_close(out.latents, ref, atol=1e-6, rtol=1e-6)
+    constant = DAGSampler(unet, vae, sd_scheduler("ddim"), classifier, **kw)
+    assert not torch.allclose(constant(cond, uncond, latents=latents.clone(), num_inference_steps=4).latents, ref,
+                              atol=1e-6)  # the UNet Jacobian term changes the update
+    assert all(p.grad is None for p in unet.parameters())  # autograd.grad w.r.t. z only
+    with pytest.raises(ValueError, match="x0_unet_grad"):
+        DAGSampler(unet, vae, sd_scheduler("ddim"), classifier, x0_unet_grad=True)
 
 
 def test_guidance_lowers_the_bn_loss():
