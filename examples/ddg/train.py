@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make `examples.ddg` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.ddg.pipeline import RunConfig, run_all  # noqa: E402
+from examples.common.cli import comma_ints, comma_list, example_parser  # noqa: E402
 from examples.ddg.presets import PRESETS  # noqa: E402
 from examples.ddg.trainer import METHODS  # noqa: E402
 
@@ -58,22 +59,15 @@ OVERRIDES = {
 }
 
 
-def _ints(text: str):
-    return tuple(int(t) for t in text.split(",") if t.strip())
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--out", type=Path, help="output directory (default runs/ddg/<preset>)")
+    parser = example_parser(__doc__, PRESETS, "ddg")
     parser.add_argument("--data-dir", help="DomainBed root (PACS/, VLCS/, office_home/, terra_incognita/, domain_net/)")
     parser.add_argument("--clip-dir", help="local CLIP folder (transformers CLIPModel + tokenizer), e.g. ViT-B/16")
     parser.add_argument("--sd-dir", help="local Stable Diffusion v1.x folder (diffusers layout)")
     parser.add_argument("--backbone-weights", help="torchvision state_dict file for resnet50 / vit_b16")
     parser.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default: the preset's)")
-    parser.add_argument("--trial-seeds", type=_ints, help="comma list (DomainBed: 0,1,2); default the preset's")
-    parser.add_argument("--test-envs", type=_ints, help="held-out environment indices (default: the preset's; "
+    parser.add_argument("--trial-seeds", type=comma_ints, help="comma list (DomainBed: 0,1,2); default the preset's")
+    parser.add_argument("--test-envs", type=comma_ints, help="held-out environment indices (default: the preset's; "
                                                         "DomainBed presets: every environment)")
     for field, (kind, text) in OVERRIDES.items():
         flag = "--" + field.replace("_", "-")
@@ -83,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.add_argument(flag, type=kind, help=text)
     parser.add_argument("--sd-gradient-checkpointing", action="store_const", const=True, default=None,
                         help="recompute the UNet's activations in backward (large batches at 512)")
-    parser.add_argument("--teacher-steps", type=_ints, help="tiny: CLIP,VAE,UNet training steps")
+    parser.add_argument("--teacher-steps", type=comma_ints, help="tiny: CLIP,VAE,UNet training steps")
     parser.add_argument("--teachers-per-run", action="store_true",
                         help="tiny: train the teachers on each run's own source domains (default: once, on the "
                              "domains no run tests on)")
@@ -109,7 +103,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     if args.trial_seeds:
         changes["trial_seeds"] = args.trial_seeds
     preset = preset.with_overrides(**changes)
-    methods = (tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods is not None
+    methods = (comma_list(args.methods) if args.methods is not None
                else preset.methods)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:

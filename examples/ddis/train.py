@@ -20,6 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `examples.ddis` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from examples.common.cli import comma_list, example_parser  # noqa: E402
 from examples.ddis.presets import PRESETS  # noqa: E402
 
 OVERRIDES = ("teacher", "student", "steps", "guidance_scale", "eta", "guide_target", "bn_form", "bn_batch", "first_bn_multiplier",
@@ -29,10 +30,7 @@ OVERRIDES = ("teacher", "student", "steps", "guidance_scale", "eta", "guide_targ
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--out", type=Path, help="run directory (default runs/ddis/<preset>)")
+    parser = example_parser(__doc__, PRESETS, "ddis")
     parser.add_argument("--pretrained-model", help="local diffusers Stable Diffusion directory (GPU presets)")
     parser.add_argument("--teacher-ckpt", help="local teacher checkpoint (GPU presets)")
     parser.add_argument("--class-names", help="text file, one class name per line (ImageNet preset)")
@@ -70,8 +68,8 @@ def main(argv=None):
             if args.smoke:
                 preset = preset.with_overrides(steps=4, images_per_class=2, synth_batch=20, cat_epochs=1,
                                                cat_prompts_per_epoch=1, cat_batch=10, kd_epochs=1)
-            seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else (args.seed,)
-            methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+            seeds = comma_list(args.seeds, int) if args.seeds else (args.seed,)
+            methods = comma_list(args.methods)
             print(f"DDIS preset tiny on cpu (threads {torch.get_num_threads()}); out {out}")
             return run_tiny(TinyRun(preset=preset, out=out, seeds=seeds, methods=methods,
                                     world=SMOKE_WORLD if args.smoke else TinyWorldConfig(), resume=args.resume,
@@ -80,7 +78,7 @@ def main(argv=None):
 
         from examples.ddis.pipeline import STAGES, FullRun, run_full
 
-        stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else STAGES
+        stages = comma_list(args.stages) if args.stages else STAGES
         unknown = set(stages) - set(STAGES)
         if unknown:
             raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)} ({', '.join(STAGES)})")

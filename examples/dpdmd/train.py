@@ -21,15 +21,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `examples.dpdmd` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from examples.common.cli import comma_list, example_parser  # noqa: E402
 from examples.dpdmd.presets import PRESETS, ToyPreset  # noqa: E402
 from examples.dpdmd.toy2d import METHODS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--out", type=Path, help="run directory (default runs/dpdmd/<preset>)")
+    parser = example_parser(__doc__, PRESETS, "dpdmd")
     parser.add_argument("--model", type=Path, help="local StableDiffusion3Pipeline folder (SD3.5-Medium layout); "
                                                    "sd3_smoke: built here when not given")
     parser.add_argument("--prompts", type=Path, help="training prompts, one per line")
@@ -85,7 +83,7 @@ def main(argv=None):
     try:
         if isinstance(preset, ToyPreset):
             from examples.dpdmd.toy2d import run_tiny
-            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            methods = list(comma_list(args.methods))
             unknown = set(methods) - set(METHODS)
             if unknown:
                 raise SystemExit(f"--methods: unknown {sorted(unknown)} (choose from {', '.join(METHODS)})")

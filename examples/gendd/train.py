@@ -21,16 +21,14 @@ if __package__ in (None, ""):  # run as a script: make `examples.gendd` importab
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.gendd.pipeline import RunConfig, rescale, run_distill, run_tiny  # noqa: E402
+from examples.common.cli import comma_list, example_parser  # noqa: E402
 from examples.gendd.presets import PRESETS  # noqa: E402
 
 SMOKE = dict(epochs=1, steps_per_epoch=2, eval_steps=3, eval_samples=1, eval_batches=1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--out", type=Path, help="run directory (default runs/gendd/<preset>)")
+    parser = example_parser(__doc__, PRESETS, "gendd")
     parser.add_argument("--data-root", help="CIFAR-100 root (with cifar-100-python/) or ImageNet root (train/, val/)")
     parser.add_argument("--teacher-ckpt", help="local teacher checkpoint (required for CIFAR/ImageNet presets)")
     parser.add_argument("--stage1-ckpt", help="a finished stage-1 checkpoint (<out>/checkpoints/stage1.pt) to start "
@@ -93,8 +91,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     if preset.teacher_stage is not None:
         changes["teacher_stage"] = rescale(preset.teacher_stage, args.epochs)
     preset = preset.with_overrides(**changes)
-    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else (args.seed,)
-    stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else preset.stages
+    seeds = comma_list(args.seeds, int) if args.seeds else (args.seed,)
+    stages = comma_list(args.stages) if args.stages else preset.stages
     unknown = set(stages) - {"stage1", "stage2", "probe"}
     if unknown:
         raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)} (stage1, stage2, probe)")
@@ -102,7 +100,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                      data_root=args.data_root, teacher_ckpt=args.teacher_ckpt, stage1_ckpt=args.stage1_ckpt,
                      resume=args.resume, max_steps=args.max_steps, steps_per_epoch=args.steps_per_epoch,
                      eval_batches=args.eval_batches, data_limit=args.data_limit, quiet=args.quiet,
-                     methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+                     methods=comma_list(args.methods))
 
 
 def configure_determinism(enabled: bool, cuda: bool) -> None:
