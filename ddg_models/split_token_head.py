@@ -216,7 +216,7 @@ class SplitTokenDiffusionHead(nn.Module):
         CFG dropout; None keeps all). Returns [M, 2C] ([eps, v]) or [M, C].
         Equal to ``SimpleMLPAdaLN(x_t, t, keep * cond[sample_index], token_index)`` with converted weights.
         """
-        M = self._check_forward(x_t, timesteps, cond, sample_index, token_index, keep)
+        self._check_forward(x_t, timesteps, cond, sample_index, token_index, keep)
         y = self.conditioning(timesteps, cond, sample_index, token_index, keep)
         return self.trunk(self.input_proj(x_t.to(self.dtype)), self.adaln_rows(y))
 

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from accelerate.utils import set_seed
 
+from ..common.tables import markdown_table, write_json
 from . import data, models, report
 from .evaluate import evaluate_classifier, evaluate_gendd
 from .presets import Preset, StageConfig
@@ -169,10 +170,10 @@ def _gendd_step(model, batch, teacher):
 
 
 def _write_results(out: Path, results: Dict, rows: List[Dict], p: Preset) -> None:
-    report.write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     table = [(k, v) for k, v in results.items() if isinstance(v, float)]
     (out / "results.md").write_text(f"# GenDD {p.name}: {p.teacher} -> {p.student}\n\n"
-                                    + report.markdown_table(["metric", "value"], table))
+                                    + markdown_table(["metric", "value"], table))
     if rows:
         report.plot(out / "curves.png", rows, f"GenDD {p.name}")
 
@@ -260,7 +261,7 @@ def run_tiny(rc: RunConfig, accelerator) -> Dict:
                          "eval_cfg": p.eval_cfg}}
     results["summary"] = {key: _mean_std([per_seed[s].get(key) for s in rc.seeds]) for _, key in TABLE_ROWS}
     if accelerator.is_main_process:
-        report.write_json(rc.out / "results.json", results)
+        write_json(rc.out / "results.json", results)
         table = tiny_table(per_seed, rc.seeds)
         (rc.out / "results.md").write_text(
             f"# GenDD tiny preset (digits): top-1 on the fixed test split (%)\n\n{table}\n"
@@ -298,4 +299,4 @@ def tiny_table(per_seed: Dict[int, Dict[str, float]], seeds: Sequence[int]) -> s
             ms = _mean_std(values)
             row.append("-" if ms["mean"] is None else f"{ms['mean']:.2f} ± {ms['std']:.2f}")
         rows.append(row)
-    return report.markdown_table(header, rows)
+    return markdown_table(header, rows)

@@ -6,8 +6,6 @@ import math
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence
 
-from ..common.tables import markdown_table, write_json  # noqa: F401  (re-exported for pipeline)
-
 COLUMNS = ["stage", "epoch", "step", "loss", "diff", "mse", "vb", "ce", "kd", "train_acc", "lr", "beta2",
            "acc", "acc_sample", "acc_sample_skip", "acc_probe", "epoch_s"]
 
