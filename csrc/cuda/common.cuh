@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 namespace ddg::cuda {
@@ -93,6 +94,55 @@ __device__ __forceinline__ T block_reduce(T value, Op op) {
   using BlockReduce = cub::BlockReduce<T, kThreads>;
   __shared__ typename BlockReduce::TempStorage storage;
   return BlockReduce(storage).Reduce(value, op);  // valid in thread 0
+}
+
+// ---------------------------------------------------------------- warp-level merges
+constexpr int kWarp = 32;
+
+// __shfl_xor_sync of any trivially copyable value made of 4-byte words (a Welford state, a pair
+// of sums): each word is shuffled on its own.
+template <typename T>
+__device__ __forceinline__ T shfl_xor_value(const T& v, int lane_mask) {
+  static_assert(sizeof(T) % sizeof(int) == 0, "shfl_xor_value needs a size that is a multiple of 4 bytes");
+  constexpr int kWords = sizeof(T) / sizeof(int);
+  int in[kWords], out[kWords];
+  memcpy(in, &v, sizeof(T));
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) out[w] = __shfl_xor_sync(0xffffffffu, in[w], lane_mask);
+  T r;
+  memcpy(&r, out, sizeof(T));
+  return r;
+}
+
+// Butterfly merge over the 32 lanes of a warp in a fixed order (offsets 16, 8, 4, 2, 1): the
+// same bits on every run. Every lane ends with a merged value; lane 0's is op applied with the
+// lower lane's value on the left at every level, the order the finalize kernels document.
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_allmerge(T v, Op op) {
+  const int lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const T other = shfl_xor_value(v, offset);
+    v = (lane & offset) ? op(other, v) : op(v, other);
+  }
+  return v;
+}
+
+// One warp merges partials[first + k * stride] for k in [0, count): lane l takes k = l, l + 32, ...
+// in order, then the lanes merge by warp_allmerge. Deterministic for a given count; every lane of
+// the warp must call it (the shuffles need all 32).
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_merge_strided(const T* __restrict__ partials, int64_t first, int64_t stride,
+                                                int64_t count, T empty, Op op) {
+  T v = empty;
+  for (int64_t k = threadIdx.x % kWarp; k < count; k += kWarp) v = op(v, partials[first + k * stride]);
+  return warp_allmerge(v, op);
+}
+
+// Launch shape of a finalize kernel with one warp per item (channel or sample).
+inline int64_t warp_per_item_blocks(int64_t items) {
+  constexpr int64_t kWarpsPerBlock = kThreads / kWarp;
+  return std::max<int64_t>(1, (items + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
 
 }  // namespace ddg::cuda
