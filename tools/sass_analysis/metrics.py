@@ -153,14 +153,21 @@ def analyse(fn, annotations):
     elements_of = element_counter(entry, sizes, vec)
     loops, candidates = _hot_loop(blocks, elements_of)
 
-    def score(item):
-        lp, path = item
-        # Most elements, then most global bytes, then the outer loop of a tie.
-        return (path.elements, path.load_bytes + path.store_bytes, lp.size)
+    def inside(inner, outer):
+        return inner is not outer and outer.head <= inner.head and inner.latch <= outer.latch
 
+    def innermost(items):
+        """Loops of `items` with no other loop of `items` inside them."""
+        return [(lp, p) for lp, p in items if not any(inside(o, lp) for o, _ in items)]
+
+    # The hot loop: among the innermost loops whose hot path counts elements, the one with the
+    # most elements per iteration, then the most global bytes (docs/cuda_sass.md, "Hot loop").
+    # Without counted elements (no annotation): the innermost loops that move global memory.
+    counting = [c for c in candidates if c[1].elements > 0]
     moving = [c for c in candidates if c[1].load_bytes + c[1].store_bytes > 0]
-    if moving:
-        lp, path = max(moving, key=score)
+    pool = innermost(counting) or innermost(moving)
+    if pool:
+        lp, path = max(pool, key=lambda c: (c[1].elements, c[1].load_bytes + c[1].store_bytes, c[0].size))
         rep.hot = _summary(lp, path)
     elif blocks:
         top = [lp for lp in loops if not any(o is not lp and o.head <= lp.head and lp.latch <= o.latch for o in loops)]
