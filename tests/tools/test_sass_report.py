@@ -1,0 +1,86 @@
+"""tools/sass_report.py on real SASS: a tiny .cu compiled with nvcc (skipped without a toolkit)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import sass_report  # noqa: E402
+from sass_analysis import budgets, listing, metrics, toolchain  # noqa: E402
+
+PROBE = Path(__file__).with_name("sass_probe_kernels.cu")
+ANNOTATIONS = [{"pattern": "^copy_kernel<", "class": "pack", "types": ["s", "vec"], "count": "store", "width": "s",
+                "per_element": 1, "traffic": "2s"}]
+
+
+def test_shorten_drops_namespaces_and_parameters():
+    name = ("void ddg::cuda::(anonymous namespace)::plane_backward_kernel<c10::BFloat16, float, 8>"
+            "(c10::BFloat16 const*, float const*, long)")
+    assert listing.shorten(name) == "plane_backward_kernel<bf16, f32, 8>"
+    assert listing.template_args("k<bf16, Pack<f32, 4>, true>") == ["bf16", "Pack<f32, 4>", "true"]
+
+
+def test_size_expressions():
+    assert metrics.size_expr("3a", {"a": 4}) == 12
+    assert metrics.size_expr("2s+a", {"s": 2, "a": 4}) == 8
+    assert metrics.size_expr("12", {}) == 12
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    try:
+        toolchain.nvcc_path()
+        toolchain.binary_tool("cuobjdump")
+    except toolchain.ToolError as e:
+        pytest.skip(f"needs nvcc and cuobjdump: {e}")
+    out = tmp_path_factory.mktemp("sass") / "probe.cubin"
+    flags = {"cuda_cflags": [], "cuda_post_cflags": ["-O3"]}
+    ptxas = toolchain.run(toolchain.nvcc_command(flags, PROBE, "sm_80", out))
+    spills = listing.parse_ptxas_spills(ptxas.stdout + ptxas.stderr)
+    fns = sass_report.functions_of(out)
+    names = listing.demangle(fn.mangled for fn in fns)
+    rules = json.loads((ROOT / "tools" / "sass_budgets.json").read_text())
+    result = {}
+    for fn in fns:
+        fn.name = listing.shorten(names[fn.mangled])
+        fn.spill_store_bytes, fn.spill_load_bytes = spills[fn.mangled]
+        rep = metrics.analyse(fn, ANNOTATIONS)
+        result[fn.name] = (rep, budgets.violations(rep, rules, {i.base for i in fn.instrs}))
+    return result
+
+
+def test_vector_copy_is_all_128_bit_and_cheap(reports):
+    rep, problems = reports["copy_kernel<f32, 4>"]
+    assert rep.arch == "sm_80" and rep.regs > 0
+    assert set(rep.hot.loads) == {16} and set(rep.hot.stores) == {16}
+    assert rep.wide_fraction() == 1.0
+    assert rep.hot.elements % 4 == 0  # whole packs per iteration, however far nvcc unrolled
+    # One LDG.128 + STG.128 + index/bound arithmetic per pack of 4: a few instructions per element.
+    assert 0.5 <= rep.hot.per_element <= 6
+    assert problems == []
+
+
+def test_scalar_copy_has_no_wide_accesses(reports):
+    scalar, _ = reports["copy_kernel<f32, 1>"]
+    vector, _ = reports["copy_kernel<f32, 4>"]
+    assert 16 not in scalar.hot.loads and 16 not in scalar.hot.stores
+    assert scalar.wide_fraction() == 0.0
+    assert 2 <= scalar.hot.per_element <= 20
+    assert scalar.hot.per_element > 2 * vector.hot.per_element
+
+
+def test_register_spill_is_reported(reports):
+    rep, problems = reports["spill_kernel"]
+    assert rep.spill_store_bytes > 0 and rep.spill_load_bytes > 0
+    assert rep.stl > 0 and rep.ldl > 0
+    assert any(p.startswith("no-spills: ptxas spills") for p in problems)
+
+
+def test_local_array_is_reported_without_ptxas_spills(reports):
+    rep, problems = reports["local_array_kernel"]
+    assert rep.spill_store_bytes == 0 and rep.stack > 0
+    assert rep.stl + rep.ldl > 0
+    assert any("local-memory instructions" in p for p in problems)
