@@ -84,3 +84,24 @@ def test_local_array_is_reported_without_ptxas_spills(reports):
     assert rep.spill_store_bytes == 0 and rep.stack > 0
     assert rep.stl + rep.ldl > 0
     assert any("local-memory instructions" in p for p in problems)
+
+
+def test_report_reads_an_extension_so(tmp_path, capsys):
+    """--so: the cubins embedded in a built shared library, JSON output, kernel filter."""
+    try:
+        nvcc = toolchain.nvcc_path()
+        toolchain.binary_tool("cuobjdump")
+    except toolchain.ToolError as e:
+        pytest.skip(f"needs nvcc and cuobjdump: {e}")
+    so = tmp_path / "probe.so"
+    toolchain.run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-O3", "-gencode=arch=compute_80,code=sm_80", PROBE, "-o", so])
+    annotations = tmp_path / "kernels.json"
+    annotations.write_text(json.dumps({"kernels": ANNOTATIONS}))
+    rc = sass_report.main(["--so", str(so), "--kernel", "^copy", "--json", "--kernels-file", str(annotations),
+                           "--check", str(ROOT / "tools" / "sass_budgets.json")])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert sorted((k["name"], k["arch"]) for k in out) == [("copy_kernel<f32, 1>", "sm_80"), ("copy_kernel<f32, 4>", "sm_80")]
+    vec4 = next(k for k in out if k["name"] == "copy_kernel<f32, 4>")
+    assert vec4["wide_fraction"] == 1.0 and vec4["violations"] == []
+    assert vec4["spill_store_bytes"] is None  # ptxas's figures exist only when the report compiles
