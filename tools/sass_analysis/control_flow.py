@@ -9,8 +9,9 @@ Hot path of a loop: the path from the loop's first block to its closing branch, 
 blocks of the loop that are not inside a nested loop (a nested loop counts as one step that
 costs nothing), chosen to process the most elements (the accesses the kernel's annotation
 counts, metrics.py), then to move the most global-memory bytes; among those, the one with the
-fewest CALLs (nvcc calls subroutines for the rare slow paths of divisions), then the fewest
-instructions.
+fewest CALLs (nvcc calls subroutines for the rare slow paths of divisions), then the most
+instructions (a data-dependent shortcut, such as a merge returning early for an empty partial,
+is the rare case).
 """
 from dataclasses import dataclass, field
 
@@ -140,7 +141,7 @@ class PathCost:
     chain: tuple = None  # (previous chain, this block's instructions): shared prefixes, no copying
 
     def key(self):
-        return (self.elements, self.load_bytes + self.store_bytes, -self.calls, -self.count)
+        return (self.elements, self.load_bytes + self.store_bytes, -self.calls, self.count)
 
     @property
     def instrs(self):
