@@ -93,13 +93,21 @@ def find_annotation(name, annotations):
 
 
 def _roles(name, entry):
+    """({'s': bytes, 'a': bytes}, vec) from the template arguments the annotation's `types` name."""
     sizes, vec = {}, 1
     args = template_args(name)
-    for role, arg in zip(entry.get("types", []), args):
-        if role == "vec":
-            vec = int(arg)
-        elif role in ("s", "a"):
-            sizes[role] = TYPE_BYTES[arg]
+    roles = entry.get("types", [])
+    if len(roles) != len(args):
+        raise ValueError(f"annotation {entry['pattern']!r} names {len(roles)} template arguments, {name} has {len(args)}")
+    for role, arg in zip(roles, args):
+        try:
+            if role == "vec":
+                vec = int(arg)
+            elif role in ("s", "a"):
+                sizes[role] = TYPE_BYTES[arg]
+        except (KeyError, ValueError):
+            raise ValueError(f"annotation {entry['pattern']!r}: template argument {arg!r} of {name} "
+                             f"is not a {'number' if role == 'vec' else 'known type'}") from None
     return sizes, vec
 
 
@@ -115,10 +123,11 @@ def _hot_loop(blocks, elements_of):
 
 
 def _summary(lp, path, in_loop=True):
-    return HotLoop(elements=path.elements or None, head=lp.head if lp else path.instrs[0].addr, latch=lp.latch if lp else path.instrs[-1].addr,
-                   instrs=path.count, loads=_widths(path.instrs, "load"), stores=_widths(path.instrs, "store"),
-                   load_bytes=path.load_bytes, store_bytes=path.store_bytes, calls=path.calls,
-                   rcp=sum(1 for i in path.instrs if i.opcode.startswith("MUFU.RCP")), in_loop=in_loop)
+    instrs = path.instrs
+    return HotLoop(elements=path.elements or None, head=lp.head if lp else instrs[0].addr,
+                   latch=lp.latch if lp else instrs[-1].addr, instrs=path.count, loads=_widths(instrs, "load"),
+                   stores=_widths(instrs, "store"), load_bytes=path.load_bytes, store_bytes=path.store_bytes,
+                   calls=path.calls, rcp=sum(1 for i in instrs if i.opcode.startswith("MUFU.RCP")), in_loop=in_loop)
 
 
 def element_counter(entry, sizes, vec):
@@ -144,8 +153,14 @@ def analyse(fn, annotations):
                        ldl=sum(1 for i in fn.instrs if i.base == "LDL"),
                        loads=_widths(fn.instrs, "load"), stores=_widths(fn.instrs, "store"))
     entry = find_annotation(fn.name, annotations)
+    sizes, vec = {}, 1
+    if entry:
+        try:
+            sizes, vec = _roles(fn.name, entry)
+        except ValueError as e:
+            rep.notes.append(str(e))
+            entry = None
     rep.annotation = entry
-    sizes, vec = _roles(fn.name, entry) if entry else ({}, 1)
     rep.vec = vec
     if entry and "traffic" in entry:
         rep.traffic_bytes = size_expr(entry["traffic"], sizes)
