@@ -8,7 +8,7 @@ registers, spills and local-memory instructions, the width of the hot loop's glo
 and the hot loop's instructions per element against the budgets. Definitions and budgets:
 docs/cuda_sass.md.
 
-  python tools/sass_report.py [--root DIR | --so PATH] [--arch sm_80,sm_90] [--kernel REGEX]
+  python tools/sass_report.py [--root DIR | --so PATH] [--arch sm_80,sm_90] [--source REGEX] [--kernel REGEX]
                               [--markdown | --json] [--check tools/sass_budgets.json]
 """
 import argparse
@@ -59,11 +59,11 @@ def functions_of(binary, source=""):
     return fns
 
 
-def compiled_functions(root, archs, jobs, log):
+def compiled_functions(root, archs, jobs, log, source_filter=None):
     flags = toolchain.build_flags(root, cache_dir())
-    sources = sorted(s for s in flags["sources"] if s.endswith(".cu"))
+    sources = sorted(s for s in flags["sources"] if s.endswith(".cu") and (not source_filter or re.search(source_filter, s)))
     if not sources:
-        raise toolchain.ToolError(f"the build of {root} has no .cu sources")
+        raise toolchain.ToolError(f"the build of {root} has no .cu sources" + (f" matching {source_filter!r}" if source_filter else ""))
     work = [(root / s, a) for s in sources for a in archs]
 
     def one(item):
@@ -89,6 +89,7 @@ def main(argv=None):
     src.add_argument("--so", type=Path, help="read the cubins embedded in this built extension instead of compiling")
     ap.add_argument("--arch", type=parse_archs, help="comma list, e.g. sm_80,sm_90 (default: sm_80,sm_90; with --so: all it holds)")
     ap.add_argument("--kernel", help="only kernels whose shortened name matches this regex")
+    ap.add_argument("--source", help="only compile the .cu files whose path matches this regex (e.g. bn_stats)")
     fmt = ap.add_mutually_exclusive_group()
     fmt.add_argument("--markdown", action="store_true", help="print a markdown table")
     fmt.add_argument("--json", action="store_true", help="print every figure as JSON")
@@ -113,7 +114,7 @@ def main(argv=None):
         else:
             archs = args.arch or list(DEFAULT_ARCHS)
             log(f"compiling {root}/csrc/cuda/*.cu for {', '.join(archs)} (cached by content)")
-            fns = compiled_functions(root, archs, args.jobs, log)
+            fns = compiled_functions(root, archs, args.jobs, log, args.source)
     except toolchain.ToolError as e:
         log(f"sass_report: {e}")
         return 2
