@@ -14,7 +14,9 @@ def _applies(rule, rep):
     cls = (rep.annotation or {}).get("class")
     if "classes" in rule and cls not in rule["classes"]:
         return False
-    return rep.vec >= rule.get("min_vec", 0)
+    if "min_vec" in rule and not (rep.has_vec and rep.vec >= rule["min_vec"]):
+        return False
+    return not (rule.get("skip_fallbacks") and rep.has_vec and rep.vec == 1)
 
 
 def instruction_budget(rep, budgets):
@@ -32,6 +34,8 @@ def violations(rep, budgets, opcodes):
         if not _applies(rule, rep):
             continue
         name = rule["name"]
+        if rule.get("require_annotation") and rep.annotation is None:
+            out.append(f"{name}: no entry of the kernels file fits this kernel ({'; '.join(rep.notes) or 'no pattern matches'})")
         if "max_spill_bytes" in rule:
             spilled = (rep.spill_store_bytes or 0) + (rep.spill_load_bytes or 0)
             if spilled > rule["max_spill_bytes"]:
@@ -42,7 +46,7 @@ def violations(rep, budgets, opcodes):
             budget = instruction_budget(rep, budgets)
             ipe = rep.hot.per_element if rep.hot else None
             if rep.annotation is None:
-                out.append(f"{name}: no entry in the kernels file, so no instructions per element to check")
+                pass  # reported by the `annotated` rule
             elif ipe is None:
                 out.append(f"{name}: instructions per element unknown ({'; '.join(rep.notes)})")
             elif budget is not None and ipe > budget:

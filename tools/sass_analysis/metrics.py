@@ -52,6 +52,7 @@ class KernelReport:
     annotation: dict = None
     traffic_bytes: float = None  # global bytes per element the kernel must move (annotation)
     vec: int = 1
+    has_vec: bool = False  # the kernel has a vector-width template argument (vec = 1: misaligned fallback)
     hot: HotLoop = None
     notes: list = field(default_factory=list)
 
@@ -162,6 +163,7 @@ def analyse(fn, annotations):
             entry = None
     rep.annotation = entry
     rep.vec = vec
+    rep.has_vec = bool(entry) and "vec" in entry.get("types", [])
     if entry and "traffic" in entry:
         rep.traffic_bytes = size_expr(entry["traffic"], sizes)
 
