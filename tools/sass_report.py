@@ -129,7 +129,7 @@ def main(argv=None):
     entries = []
     for fn in fns:
         rep = metrics.analyse(fn, annotations)
-        problems = budget_rules.violations(rep, budgets, {i.base for i in fn.instrs}) if args.check else []
+        problems = budget_rules.violations(rep, budgets, {i.base for i in fn.instrs}) if args.check else None
         entries.append((rep, budget_rules.instruction_budget(rep, budgets), problems))
 
     if args.json:
@@ -137,7 +137,7 @@ def main(argv=None):
     else:
         rows = [render.row(*e) for e in entries]
         print(render.markdown_table(rows) if args.markdown else render.text_table(rows))
-    failed = [(rep, p) for rep, _, problems in entries for p in problems]
+    failed = [(rep, p) for rep, _, problems in entries for p in problems or []]
     for rep, p in failed:
         log(f"BUDGET {rep.name} [{rep.arch}]: {p}")
     log(f"{len(entries)} kernels, {len(failed)} budget violations, {time.time() - t_start:.0f} s")

@@ -22,7 +22,7 @@ def row(rep, budget, problems):
     return [rep.name, rep.arch.replace("sm_", ""), _num(rep.regs, "{}"), spill, str(rep.stl + rep.ldl),
             _ratio(h.loads) if h else "-", _ratio(h.stores) if h else "-",
             _num(h.elements if h else None, "{:g}"), _num(h.instrs if h else None, "{}"), _num(ipe), _num(budget),
-            _num(rcp, "{:.2f}"), "ok" if not problems else "FAIL"]
+            _num(rcp, "{:.2f}"), "-" if problems is None else "FAIL" if problems else "ok"]
 
 
 def text_table(rows):
