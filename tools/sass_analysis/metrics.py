@@ -195,8 +195,8 @@ def analyse(fn, annotations):
             rep.notes.append("no loop moves global memory: straight path to EXIT")
     if rep.hot is None:
         rep.notes.append("no path found")
-    elif entry is None:
-        rep.notes.append("no annotation in the kernels file: elements per iteration unknown")
+    elif entry is None and not rep.notes:
+        rep.notes.append("no pattern of the kernels file matches: elements per iteration unknown")
     elif rep.hot.elements is None:
         rep.notes.append("the hot path has none of the accesses the annotation counts")
     return rep
