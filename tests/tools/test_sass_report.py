@@ -105,3 +105,26 @@ def test_report_reads_an_extension_so(tmp_path, capsys):
     vec4 = next(k for k in out if k["name"] == "copy_kernel<f32, 4>")
     assert vec4["wide_fraction"] == 1.0 and vec4["violations"] == []
     assert vec4["spill_store_bytes"] is None  # ptxas's figures exist only when the report compiles
+
+
+def test_build_flags_come_from_setup_py(tmp_path):
+    """The nvcc flags are the ones setup.py's CUDAExtension gets from torch, learned without side effects."""
+    torch = pytest.importorskip("torch")
+    try:
+        toolchain.nvcc_path()
+    except toolchain.ToolError as e:
+        pytest.skip(f"needs nvcc: {e}")
+    if torch.version.cuda is None:
+        pytest.skip("a CPU-only torch cannot build the CUDA extension")
+    build_info = ROOT / "ddg_ops" / "_build_info.json"
+    before = build_info.read_bytes() if build_info.exists() else None
+    flags = toolchain.build_flags(ROOT, tmp_path)
+    assert sorted(s for s in flags["sources"] if s.endswith(".cu")) == sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+    assert any(f.startswith("-I") and f.rstrip("/").endswith("torch/include") for f in flags["cuda_cflags"])
+    assert "-O3" in flags["cuda_post_cflags"] and "-DTORCH_EXTENSION_NAME=_C" in flags["cuda_post_cflags"]
+    cmd = toolchain.nvcc_command(flags, "k.cu", "sm_90", "k.cubin")
+    assert "-cubin" in cmd and "-arch=sm_90" in cmd and "-c" not in cmd
+    assert not any(f.startswith(("-gencode", "--generate-code")) for f in cmd)
+    # setup.py ran in a scratch copy: the checkout's build record is untouched.
+    assert (build_info.read_bytes() if build_info.exists() else None) == before
