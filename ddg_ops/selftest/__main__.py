@@ -24,6 +24,7 @@ from .facts import collect
 
 EXIT_OK, EXIT_MISMATCH, EXIT_UNAVAILABLE = 0, 1, 2
 MAX_PRINTED_MISMATCHES = 40
+DTYPE_NAMES = {str(d).replace("torch.", ""): d for d in DTYPES}
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -33,6 +34,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                                                              "fp32 only and shorter timing in the bandwidth table")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the report as JSON to PATH")
     parser.add_argument("--ops", nargs="+", choices=[c.name for c in CASES], help="check only these ops")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPE_NAMES), help="check only these dtypes")
+    parser.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES), help="shape classes to check")
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth table")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     return parser.parse_args(argv)
@@ -111,7 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"ddg_ops.selftest: {reason}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     ops = registered_ops()
-    grid = Grid(quick=args.quick, dtypes=tuple(DTYPES), sizes=SIZES, ops=tuple(args.ops) if args.ops else None)
+    dtypes = tuple(DTYPE_NAMES[d] for d in args.dtype) if args.dtype else tuple(DTYPES)
+    grid = Grid(quick=args.quick, dtypes=dtypes, sizes=tuple(args.sizes), ops=tuple(args.ops) if args.ops else None)
     print(f"ddg_ops self-test on {device.type}{' (quick)' if args.quick else ''}: {len(ops)} operators registered "
           f"under torch.ops.ddg; {len(CASES)} op cases over dtypes x layouts x shapes (odd, large, empty), "
           "forward and backward")

@@ -9,6 +9,7 @@ never reached its backward op) is reported rather than passing against itself.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -105,11 +106,12 @@ class Grid:
     dtypes: Tuple[torch.dtype, ...] = tuple(DTYPES)
     sizes: Tuple[str, ...] = SIZES
     ops: Optional[Tuple[str, ...]] = None  # case names; None: all
+    shapes_per_size: Optional[int] = None  # the first n shapes of each size class; None: all
 
     def points(self, case: OpCase) -> Iterable[Point]:
         for size in self.sizes:
-            for shape in case.grid_shapes(size, self.quick):
-                for layout in case.layouts_for(shape):
+            for shape in case.grid_shapes(size, self.quick)[:self.shapes_per_size]:
+                for layout in case.layouts_for(shape, size):
                     for variant in case.variants_for(size):
                         for dtype in self.dtypes:
                             yield Point(case.name, dtype, layout, tuple(shape), variant, size)
@@ -136,7 +138,10 @@ def _compare(point: Point, call: Call, seen: Set[Tuple[str, str]]) -> List[Misma
     ref_in = _leaves(call.inputs, call.differentiable, True)
     with _OpRecorder(seen):
         got = call.run(**got_in)
-    ref = call.reference(**ref_in)
+    with warnings.catch_warnings():
+        # torch's var() of an empty row warns; the empty points expect exactly that input.
+        warnings.filterwarnings("ignore", message=r"var(_mean)?\(\): degrees of freedom")
+        ref = call.reference(**ref_in)
     bad = []
     if len(got) != len(ref):
         return [Mismatch(point, "outputs", f"{len(got)} outputs, the reference has {len(ref)}")]
