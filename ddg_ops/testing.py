@@ -66,7 +66,11 @@ def difference(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional[tor
     atol *= scale
     a = actual.detach().to(torch.float64)
     e = expected.detach().to(device=a.device, dtype=torch.float64)
-    close = torch.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True)
+    # torch.isclose's rule (NaN == NaN, an infinity equals itself) in fewer passes over the data.
+    close = (a - e).abs() <= atol + rtol * e.abs()
+    if bool(close.all()):
+        return None
+    close |= (a == e) | (a.isnan() & e.isnan())
     if bool(close.all()):
         return None
     err = (a - e).abs()

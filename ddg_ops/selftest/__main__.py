@@ -24,6 +24,8 @@ from .facts import collect
 
 EXIT_OK, EXIT_MISMATCH, EXIT_UNAVAILABLE = 0, 1, 2
 MAX_PRINTED_MISMATCHES = 40
+NOISY_SPREAD = 1.5
+NOISY_COPY_RANGE = 3.0
 DTYPE_NAMES = {str(d).replace("torch.", ""): d for d in DTYPES}
 
 
@@ -77,10 +79,17 @@ def _print_checks(report: CheckReport, total_points: int) -> None:
 
 def _print_bandwidth(rows: Sequence[Row]) -> None:
     print(f"\n{'family':<12}{'kernel':<29}{'mode':<8}{'dtype':<9}{'shape':<17}{'MB':>8}{'ms':>9}{'GB/s':>8}"
-          f"{'copy ms':>9}{'copy GB/s':>10}{'ratio':>7}")
+          f"{'copy ms':>9}{'copy GB/s':>10}{'ratio':>7}{'p80/p20':>8}")
     for r in rows:
         print(f"{r.family:<12}{r.kernel:<29}{r.mode:<8}{r.dtype:<9}{r.shape:<17}{r.nbytes / 1e6:>8.1f}{r.ms:>9.3f}"
-              f"{r.gbps:>8.1f}{r.copy_ms:>9.3f}{r.copy_gbps:>10.1f}{r.ratio:>7.2f}")
+              f"{r.gbps:>8.1f}{r.copy_ms:>9.3f}{r.copy_gbps:>10.1f}{r.ratio:>7.2f}{r.spread:>8.2f}")
+    # The copy is the same operation in every row: on a quiet device its GB/s varies little with the size.
+    noisy = [r for r in rows if r.spread > NOISY_SPREAD]
+    copy = [r.copy_gbps for r in rows]
+    if noisy or (copy and max(copy) > NOISY_COPY_RANGE * min(copy)):
+        print(f"note: {len(noisy)} of {len(rows)} rows have p80/p20 > {NOISY_SPREAD}, the copy ran at "
+              f"{min(copy):.1f}-{max(copy):.1f} GB/s: the device is shared with other work and these times say "
+              "little; rerun on a quiet machine")
 
 
 def _print_facts(facts) -> None:

@@ -39,6 +39,9 @@ class Row:
     nbytes: int
     ms: float
     copy_ms: float
+    # Largest p80/p20 of the kernel's and the copy's times: near 1 on a quiet machine; well above it
+    # when other processes share the cores and the row says little.
+    spread: float = 1.0
 
     @property
     def gbps(self) -> float:
@@ -57,7 +60,7 @@ class Row:
         return {"family": self.family, "kernel": self.kernel, "mode": self.mode, "dtype": self.dtype,
                 "shape": self.shape, "bytes": self.nbytes, "ms": round(self.ms, 6), "gb_per_s": round(self.gbps, 2),
                 "copy_ms": round(self.copy_ms, 6), "copy_gb_per_s": round(self.copy_gbps, 2),
-                "ratio_to_copy": round(self.ratio, 3)}
+                "ratio_to_copy": round(self.ratio, 3), "spread_p80_p20": round(self.spread, 2)}
 
 
 # ------------------------------------------------------------------------------ row-op cases
@@ -143,11 +146,11 @@ def _largest(cases: Sequence[Tuple[str, Tuple[int, ...]]], kernel: str) -> Optio
     return max(shapes, key=math.prod) if shapes else None
 
 
-def _copy_ms(nbytes: int, device, min_run_time: float) -> float:
-    """Median ms of a same-device copy that reads nbytes / 2 and writes nbytes / 2."""
+def _copy_times(nbytes: int, device, min_run_time: float) -> Tuple[float, float, float]:
+    """(p50, p20, p80) ms of a same-device copy that reads nbytes / 2 and writes nbytes / 2."""
     src = torch.ones(max(nbytes // 8, 1), dtype=torch.float32, device=device)  # ones: touch the pages
     dst = torch.empty_like(src)
-    return time_fn(lambda: dst.copy_(src), device, min_run_time)[0]
+    return time_fn(lambda: dst.copy_(src), device, min_run_time)
 
 
 def measure(device: torch.device, quick: bool, progress=None) -> List[Row]:
@@ -176,9 +179,10 @@ def measure(device: torch.device, quick: bool, progress=None) -> List[Row]:
     for family, kernel, mode, dtype, make in todo:
         step, nbytes, shape = make()
         step()  # warm-up (and first-touch of the outputs)
-        ms = time_fn(step, device, min_run_time)[0]
+        ms, ms20, ms80 = time_fn(step, device, min_run_time)
+        copy_ms, copy20, copy80 = _copy_times(nbytes, device, min_run_time)
         row = Row(family, kernel, mode, str(dtype).replace("torch.", ""), "x".join(map(str, shape)), nbytes, ms,
-                  _copy_ms(nbytes, device, min_run_time))
+                  copy_ms, max(ms80 / ms20, copy80 / copy20))
         table.append(row)
         if progress:
             progress(row)

@@ -8,6 +8,7 @@ never reached its backward op) is reported rather than passing against itself.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -130,13 +131,23 @@ def _leaves(inputs: Dict[str, object], differentiable: Sequence[str], fp64: bool
     return out
 
 
-def _compare(point: Point, call: Call, seen: Set[Tuple[str, str]]) -> List[Mismatch]:
+@contextlib.contextmanager
+def _threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _compare(point: Point, call: Call, seen: Set[Tuple[str, str]], kernel_threads: int = 1) -> List[Mismatch]:
     """Forward outputs, then the gradients of every differentiable input for a random grad_output on
     every differentiable output. Tolerances: TOLERANCES of each result's dtype, atol scaled by the
     magnitude of the expected values (and by ``call.scales`` where that is not enough)."""
     got_in = _leaves(call.inputs, call.differentiable, False)
     ref_in = _leaves(call.inputs, call.differentiable, True)
-    with _OpRecorder(seen):
+    with _OpRecorder(seen), _threads(kernel_threads):
         got = call.run(**got_in)
     with warnings.catch_warnings():
         # torch's var() of an empty row warns; the empty points expect exactly that input.
@@ -160,7 +171,7 @@ def _compare(point: Point, call: Call, seen: Set[Tuple[str, str]]) -> List[Misma
         return bad
     if not all(g.requires_grad for g, _ in pairs):
         return bad + [Mismatch(point, "autograd", "a differentiable output of the kernel has no grad_fn")]
-    with _OpRecorder(seen):
+    with _OpRecorder(seen), _threads(kernel_threads):
         g_got = torch.autograd.grad([g for g, _ in pairs], [got_in[n] for n in names], grad_outs, allow_unused=True)
     g_ref = torch.autograd.grad([r for _, r in pairs], [ref_in[n] for n in names],
                                 [go.double() for go in grad_outs], allow_unused=True)
@@ -189,14 +200,15 @@ def run_checks(device: torch.device, grid: Grid = Grid(), cases: Sequence[OpCase
     a mismatch too (named 'error'), so one broken kernel does not hide the rest."""
     report = CheckReport(uncovered=uncovered_ops(cases))
     selected = [c for c in cases if grid.ops is None or c.name in grid.ops]
+    # On CPU, intra-op threads only add synchronisation to the references, the comparisons and the
+    # small points (minutes on a loaded machine); the kernels of the large points keep all threads,
+    # so their parallel reductions and merges are among the checked paths.
     threads = torch.get_num_threads()
-    try:
+    with _threads(1):
         for case in selected:
             _run_case(case, device, grid, seed, report, threads)
             if progress:
                 progress(report.summaries[case.name])
-    finally:
-        torch.set_num_threads(threads)
     return report
 
 
@@ -206,14 +218,15 @@ def _run_case(case: OpCase, device: torch.device, grid: Grid, seed: int, report:
     summary = report.summaries.setdefault(case.name, CaseSummary(case.name))
     start = time.perf_counter()
     for index, point in enumerate(grid.points(case)):
-        # On CPU, intra-op threads only add synchronisation to the small points (seconds in all
-        # on a busy machine); the large ones keep them, so the kernels' parallel merges are checked.
-        torch.set_num_threads(threads if point.size == "large" else 1)
-        torch.manual_seed(seed + index)  # each point's draws do not depend on what ran before
+        # Each point's draws do not depend on what ran before. (torch.manual_seed would also queue
+        # lazy seeding of every accelerator backend, a stack capture each, per point.)
+        torch.default_generator.manual_seed(seed + index)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(seed + index)
         try:
             call = case.build(point.shape, point.dtype, point.layout, point.variant, device)
             summary.elements += sum(t.numel() for t in call.inputs.values() if isinstance(t, torch.Tensor))
-            bad = _compare(point, call, seen)
+            bad = _compare(point, call, seen, threads if point.size == "large" else 1)
         except Exception as exc:  # noqa: BLE001 (reported as a failure of this point)
             bad = [Mismatch(point, "error", f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}")]
         summary.points += 1
