@@ -20,7 +20,7 @@ from ..testing import DTYPES
 from .bandwidth import Row, measure
 from .cases import CASES, SIZES
 from .checks import CheckReport, Grid, registered_ops, run_checks
-from .facts import collect
+from .facts import arch_coverage, collect
 
 EXIT_OK, EXIT_MISMATCH, EXIT_UNAVAILABLE = 0, 1, 2
 MAX_PRINTED_MISMATCHES = 40
@@ -56,6 +56,14 @@ def unavailable(device: torch.device) -> Optional[str]:
                 f"backends {EXTENSION.build_info.get('backends')}, {EXTENSION.build_info.get('decision')!r}); "
                 "rebuild on this machine with `pip install --no-build-isolation -e .` (a visible GPU, or "
                 "DDG_FORCE_CUDA=1, compiles them)")
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        arch_list = EXTENSION.build_info.get("cuda_arch_list")
+        covered, how = arch_coverage(capability, arch_list)
+        if covered is False:
+            return (f"--device cuda: {torch.cuda.get_device_name(device)} (sm_{capability[0]}{capability[1]}) is not "
+                    f"among the architectures the CUDA kernels were built for ({how}); rebuild with "
+                    f"TORCH_CUDA_ARCH_LIST including {capability[0]}.{capability[1]}")
     return None
 
 
@@ -107,7 +115,7 @@ def _print_facts(facts) -> None:
         line += (f", capability {dev['capability']}, {dev['multiprocessors']} SMs, {dev['memory_gib']} GiB); "
                  f"covered by the built archs: {dev['arch_covered']} ({dev['arch_coverage']})")
     else:
-        line += f", {dev['threads']} threads)"
+        line += f", {dev['threads']} threads, running CPU capability {dev['cpu_capability']})"
     print(line)
     print("backends: " + ", ".join(f"{op}: {how}" for op, how in facts["backends"].items()))
 

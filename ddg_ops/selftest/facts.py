@@ -54,7 +54,8 @@ def device_facts(device: torch.device) -> Dict[str, object]:
         facts.update(capability=f"{capability[0]}.{capability[1]}", memory_gib=round(props.total_memory / 2**30, 1),
                      multiprocessors=props.multi_processor_count, arch_covered=covered, arch_coverage=how)
     else:
-        facts["threads"] = torch.get_num_threads()
+        # The SIMD level ATen dispatches to on this CPU; the build's CPU kernels need at least build_info's.
+        facts.update(threads=torch.get_num_threads(), cpu_capability=torch.backends.cpu.get_cpu_capability())
     return facts
 
 

@@ -129,3 +129,20 @@ def test_arch_coverage():
     assert covered and "PTX compute_90" in how
     assert arch_coverage((12, 0), "9.0a")[0] is False  # arch-specific SASS: exactly sm_90 only
     assert arch_coverage((9, 0), "visible GPUs")[0] is None
+
+
+def test_cuda_device_outside_the_built_archs_is_refused(monkeypatch):
+    """An A100 (sm_80) with kernels built for 9.0+PTX only: a clear refusal, not a flood of launch errors."""
+    from ddg_ops._ext import ExtensionState
+    from ddg_ops.selftest import __main__ as selftest_main
+
+    built = ExtensionState(True, "loaded", {"backends": ["cpu", "cuda"], "cuda_arch_list": "9.0+PTX"},
+                           frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(selftest_main, "EXTENSION", built)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    message = selftest_main.unavailable(torch.device("cuda"))
+    assert "A100" in message and "sm_80" in message and "TORCH_CUDA_ARCH_LIST including 8.0" in message
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert selftest_main.unavailable(torch.device("cuda")) is None
