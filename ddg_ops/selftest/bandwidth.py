@@ -8,6 +8,7 @@ diffusion loss, target preparation) have their own memory-bound cases here.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -153,31 +154,35 @@ def _copy_times(nbytes: int, device, min_run_time: float) -> Tuple[float, float,
     return time_fn(lambda: dst.copy_(src), device, min_run_time)
 
 
+def _bench_case(module, kernel: str, shape, mode: str, dtype: torch.dtype, device):
+    """(step, bytes, shape) of one ddg_ops.bench case, provider 'ddg'."""
+    case = module.Case(kernel, shape, dtype, mode, device)
+    return case.step("ddg"), module.min_bytes(kernel, shape, dtype, mode), shape
+
+
 def measure(device: torch.device, quick: bool, progress=None) -> List[Row]:
     """One row per (family, kernel, mode, dtype) at the largest shape its bench cases use (``quick``:
     the bench's --quick cases), each next to a copy of the same bytes timed in the same run."""
     level = "quick" if quick else "full"
     min_run_time = MIN_RUN_TIME[level]
-    todo: List[Tuple[str, str, str, torch.dtype, Callable]] = []
+    todo: List[Tuple[str, str, str, torch.dtype, Callable]] = []  # (family, kernel, mode, dtype, build)
     for family, module in (("guidance", bench_guidance), ("bn_stats", bench_bn_stats)):
         cases = module.cases(quick, device)
         for kernel in dict.fromkeys(k for k, _ in cases):
             shape = _largest(cases, kernel)
             for mode in getattr(module, "kernel_modes", lambda k: module.MODES)(kernel):
                 for dtype in DTYPES[level]:
-                    def make(module=module, kernel=kernel, shape=shape, mode=mode, dtype=dtype):
-                        case = module.Case(kernel, shape, dtype, mode, device)
-                        return case.step("ddg"), module.min_bytes(kernel, shape, dtype, mode), shape
-                    todo.append((family, kernel, mode, dtype, make))
+                    todo.append((family, kernel, mode, dtype, functools.partial(_bench_case, module, kernel, shape,
+                                                                                mode, dtype, device)))
     rows = ROWS[(device.type, quick)]
     for kernel, modes in ROW_KERNELS.items():
         for mode in modes:
             for dtype in DTYPES[level]:
                 todo.append(("split_token", kernel, mode, dtype,
-                             lambda kernel=kernel, mode=mode, dtype=dtype: _rows_case(kernel, mode, dtype, device, rows)))
+                             functools.partial(_rows_case, kernel, mode, dtype, device, rows)))
     table = []
-    for family, kernel, mode, dtype, make in todo:
-        step, nbytes, shape = make()
+    for family, kernel, mode, dtype, build in todo:
+        step, nbytes, shape = build()
         step()  # warm-up (and first-touch of the outputs)
         ms, ms20, ms80 = time_fn(step, device, min_run_time)
         copy_ms, copy20, copy80 = _copy_times(nbytes, device, min_run_time)

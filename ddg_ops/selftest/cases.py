@@ -8,8 +8,8 @@ tiny batches), ``large`` (millions of elements; ``--quick``: about 10^5) and ``e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 
