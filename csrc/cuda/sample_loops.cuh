@@ -10,15 +10,20 @@ namespace ddg::cuda {
 
 // Thread `thread` of `threads` cooperating threads calls pack_fn(i0) for packs [i0, i0 + VEC)
 // inside [lo, hi) with i0 % VEC == 0, and elem_fn(i) for the other indices of the range.
-// Data pointers must be 16-byte aligned when VEC > 1 (see vector_width).
+// Data pointers must be 16-byte aligned when VEC > 1 (see vector_width). The unaligned head and
+// the tail have fewer than VEC elements each, and threads >= VEC, so each is one guarded call.
 template <int VEC, typename PackFn, typename ElemFn>
 __device__ __forceinline__ void for_each_in_range(int64_t lo, int64_t hi, int64_t thread, int64_t threads,
                                                   const PackFn& pack_fn, const ElemFn& elem_fn) {
+  if (VEC == 1) {
+    for (int64_t i = lo + thread; i < hi; i += threads) elem_fn(i);
+    return;
+  }
   const int64_t first = min(hi, (lo + VEC - 1) / VEC * VEC);
   const int64_t last = max(first, hi / VEC * VEC);
-  for (int64_t i = lo + thread; i < first; i += threads) elem_fn(i);
+  if (thread < first - lo) elem_fn(lo + thread);
   for (int64_t i0 = first + thread * VEC; i0 < last; i0 += threads * VEC) pack_fn(i0);
-  for (int64_t i = last + thread; i < hi; i += threads) elem_fn(i);
+  if (thread < hi - last) elem_fn(last + thread);
 }
 
 // ---------------------------------------------------------------- elementwise: sample = blockIdx.y
