@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "macros.h"
+#include "welford.h"
 
 namespace ddg {
 
@@ -132,6 +133,70 @@ DDG_HD acc_t rescale_std_ratio(acc_t var_cond, acc_t var_guided) {
 template <typename acc_t>
 DDG_HD acc_t rescale_multiplier(acc_t rescale, acc_t var_cond, acc_t var_guided) {
   return acc_t(1) - rescale + rescale * rescale_std_ratio(var_cond, var_guided);
+}
+
+// The statistics are accumulated as shifted sums (welford.h) with one shift per sample: the
+// guided prediction and cond at the sample's first element. Both backends read that element,
+// so the shift, and hence the summation, does not depend on how the sample is chunked.
+template <typename acc_t>
+struct RescaleShift {
+  acc_t guided;
+  acc_t cond;
+};
+
+template <typename acc_t>
+DDG_HD RescaleShift<acc_t> rescale_shift(acc_t uncond0, acc_t cond0, acc_t scale) {
+  return RescaleShift<acc_t>{cfg_value(uncond0, cond0, scale), cond0};
+}
+
+// Shifted sums of the guided prediction and of cond over a run of elements.
+template <typename T>
+struct RescaleSums {
+  T sum_guided, sq_guided, sum_cond, sq_cond;
+};
+
+template <typename T>
+DDG_HD void rescale_sums_add(RescaleSums<T>& s, T uncond, T cond, T scale, T shift_guided, T shift_cond) {
+  shifted_sums_add(cfg_value(uncond, cond, scale) - shift_guided, s.sum_guided, s.sq_guided);
+  shifted_sums_add(cond - shift_cond, s.sum_cond, s.sq_cond);
+}
+
+// Welford states (in the shifted frame) of the guided prediction and of cond.
+template <typename acc_t>
+struct RescaleState {
+  WelfordState<acc_t> guided;
+  WelfordState<acc_t> cond;
+};
+
+template <typename acc_t>
+DDG_HD RescaleState<acc_t> rescale_state_empty() {
+  return RescaleState<acc_t>{welford_empty<acc_t>(), welford_empty<acc_t>()};
+}
+
+template <typename acc_t>
+DDG_HD RescaleState<acc_t> rescale_state_of(acc_t count, const RescaleSums<acc_t>& s) {
+  return RescaleState<acc_t>{welford_from_shifted_sums(count, s.sum_guided, s.sq_guided),
+                             welford_from_shifted_sums(count, s.sum_cond, s.sq_cond)};
+}
+
+struct RescaleStateMerge {
+  template <typename S>
+  DDG_HD S operator()(const S& a, const S& b) const {
+    return S{welford_merge(a.guided, b.guided), welford_merge(a.cond, b.cond)};
+  }
+};
+
+// One sample's stats row [mean_guided, var_guided, mean_cond, var_cond] from its merged state;
+// returns the rescale multiplier.
+template <typename acc_t>
+DDG_HD acc_t rescale_finalize(const RescaleState<acc_t>& st, RescaleShift<acc_t> shift, acc_t rescale,
+                              acc_t* stats_row) {
+  const acc_t var_g = welford_variance(st.guided), var_c = welford_variance(st.cond);
+  stats_row[0] = shift.guided + st.guided.mean;
+  stats_row[1] = var_g;
+  stats_row[2] = shift.cond + st.cond.mean;
+  stats_row[3] = var_c;
+  return rescale_multiplier(rescale, var_c, var_g);
 }
 
 // Backward of out = b * f(g, c) * g + a * x with f the rescale multiplier, per sample:

@@ -11,59 +11,43 @@
 namespace ddg::cpu {
 namespace {
 
-template <typename acc_t>
-struct GuidedCondStats {
-  WelfordState<acc_t> guided;
-  WelfordState<acc_t> cond;
-};
+// Guidance rescale's statistics are accumulated as shifted sums (guidance_math.h) in runs of
+// this many elements; each run becomes a Welford state that merges with Chan's formula. Short
+// runs keep the sums' rounding small; the per-run conversion and merge cost about 0.1
+// instructions per element.
+constexpr int64_t kRescaleRun = 512;
 
-// Per-sample mean/M2 of the guided prediction and of cond (guidance rescale). Each chunk
-// is summarised exactly in two cache-resident passes, then chunks merge with Chan's formula.
+// Per-sample Welford states of the guided prediction and of cond, in one pass over each chunk.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-std::vector<GuidedCondStats<acc_t>> guided_cond_stats(const CfgParams<acc_t>& p,
-                                                      const scalar_t* u, const scalar_t* c) {
+std::vector<RescaleState<acc_t>> rescale_states(const CfgParams<acc_t>& p, const scalar_t* u, const scalar_t* c) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   auto chunk = [&](int64_t b, int64_t lo, int64_t hi) {
     const acc_t s = sample_scale(p, b);
-    const Vec vs(s);
-    Vec sum_g(acc_t(0)), sum_c(acc_t(0));
-    acc_t tail_g = 0, tail_c = 0;
-    int64_t i = lo;
-    for (; i + IO::kStep <= hi; i += IO::kStep) {
-      const auto uu = IO::load(u + i), cc = IO::load(c + i);
-      sum_g += cfg_value(uu.lo, cc.lo, vs) + cfg_value(uu.hi, cc.hi, vs);
-      sum_c += cc.lo + cc.hi;
+    const int64_t first = b * p.per_sample;
+    const RescaleShift<acc_t> k = rescale_shift<acc_t>(u[first], c[first], s);
+    const Vec vs(s), vkg(k.guided), vkc(k.cond), zero(acc_t(0));
+    RescaleState<acc_t> st = rescale_state_empty<acc_t>();
+    for (int64_t run = lo; run < hi; run += kRescaleRun) {
+      const int64_t end = std::min(run + kRescaleRun, hi);
+      RescaleSums<Vec> v0{zero, zero, zero, zero}, v1{zero, zero, zero, zero};  // two chains for ILP
+      RescaleSums<acc_t> t{0, 0, 0, 0};
+      int64_t i = run;
+      for (; i + IO::kStep <= end; i += IO::kStep) {
+        const auto uu = IO::load(u + i), cc = IO::load(c + i);
+        rescale_sums_add(v0, uu.lo, cc.lo, vs, vkg, vkc);
+        rescale_sums_add(v1, uu.hi, cc.hi, vs, vkg, vkc);
+      }
+      for (; i < end; ++i) rescale_sums_add<acc_t>(t, u[i], c[i], s, k.guided, k.cond);
+      const RescaleSums<acc_t> sums{lane_sum(v0.sum_guided + v1.sum_guided) + t.sum_guided,
+                                    lane_sum(v0.sq_guided + v1.sq_guided) + t.sq_guided,
+                                    lane_sum(v0.sum_cond + v1.sum_cond) + t.sum_cond,
+                                    lane_sum(v0.sq_cond + v1.sq_cond) + t.sq_cond};
+      st = RescaleStateMerge()(st, rescale_state_of(acc_t(end - run), sums));
     }
-    for (; i < hi; ++i) {
-      tail_g += cfg_value<acc_t>(u[i], c[i], s);
-      tail_c += acc_t(c[i]);
-    }
-    const acc_t n = acc_t(hi - lo);
-    const acc_t mean_g = (lane_sum(sum_g) + tail_g) / n, mean_c = (lane_sum(sum_c) + tail_c) / n;
-    const Vec vmg(mean_g), vmc(mean_c);
-    Vec sq_g(acc_t(0)), sq_c(acc_t(0));
-    acc_t tsq_g = 0, tsq_c = 0;
-    for (i = lo; i + IO::kStep <= hi; i += IO::kStep) {
-      const auto uu = IO::load(u + i), cc = IO::load(c + i);
-      const Vec dg0 = cfg_value(uu.lo, cc.lo, vs) - vmg, dg1 = cfg_value(uu.hi, cc.hi, vs) - vmg;
-      const Vec dc0 = cc.lo - vmc, dc1 = cc.hi - vmc;
-      sq_g += dg0 * dg0 + dg1 * dg1;
-      sq_c += dc0 * dc0 + dc1 * dc1;
-    }
-    for (; i < hi; ++i) {
-      const acc_t dg = cfg_value<acc_t>(u[i], c[i], s) - mean_g, dc = acc_t(c[i]) - mean_c;
-      tsq_g += dg * dg;
-      tsq_c += dc * dc;
-    }
-    return GuidedCondStats<acc_t>{{n, mean_g, lane_sum(sq_g) + tsq_g},
-                                  {n, mean_c, lane_sum(sq_c) + tsq_c}};
+    return st;
   };
-  auto merge = [](const GuidedCondStats<acc_t>& a, const GuidedCondStats<acc_t>& b) {
-    return GuidedCondStats<acc_t>{welford_merge(a.guided, b.guided), welford_merge(a.cond, b.cond)};
-  };
-  const GuidedCondStats<acc_t> empty{welford_empty<acc_t>(), welford_empty<acc_t>()};
-  return reduce_per_sample(p.batch, p.per_sample, empty, chunk, merge);
+  return reduce_per_sample(p.batch, p.per_sample, rescale_state_empty<acc_t>(), chunk, RescaleStateMerge());
 }
 
 template <typename scalar_t>
@@ -79,15 +63,12 @@ void cfg_forward_typed(const CfgCall& call, at::Tensor& out, at::Tensor& stats) 
 
   std::vector<acc_t> multiplier(p.batch, acc_t(1));
   if (call.rescale != 0.0) {
-    const auto st = guided_cond_stats<scalar_t>(p, u, c);
+    const auto st = rescale_states<scalar_t>(p, u, c);
     acc_t* sp = stats.mutable_data_ptr<acc_t>();
     for (int64_t b = 0; b < p.batch; ++b) {
-      const acc_t var_g = welford_variance(st[b].guided), var_c = welford_variance(st[b].cond);
-      sp[kStatsPerSample * b + 0] = st[b].guided.mean;
-      sp[kStatsPerSample * b + 1] = var_g;
-      sp[kStatsPerSample * b + 2] = st[b].cond.mean;
-      sp[kStatsPerSample * b + 3] = var_c;
-      multiplier[b] = rescale_multiplier(p.rescale, var_c, var_g);
+      const int64_t first = b * p.per_sample;
+      const RescaleShift<acc_t> k = rescale_shift<acc_t>(u[first], c[first], sample_scale(p, b));
+      multiplier[b] = rescale_finalize(st[b], k, p.rescale, sp + kStatsPerSample * b);
     }
   }
 

@@ -4,6 +4,7 @@
 
 #include <ATen/OpMathType.h>
 
+#include <array>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -89,9 +90,12 @@ void set_batch(CfgCall& c, const at::Tensor& ref) {
   c.per_sample = c.batch > 0 ? ref.numel() / c.batch : 0;
 }
 
+// The forward kernel writes every row when rescale is on; it does not run for empty samples,
+// whose statistics are zeros.
 at::Tensor empty_stats(const at::Tensor& ref, double rescale) {
   const at::ScalarType acc = at::toOpMathType(ref.scalar_type());
-  return at::zeros({rescale != 0.0 ? ref.size(0) : 0, kStatsPerSample}, ref.options().dtype(acc));
+  const std::array<int64_t, 2> shape{rescale != 0.0 ? ref.size(0) : 0, kStatsPerSample};
+  return ref.numel() > 0 ? at::empty(shape, ref.options().dtype(acc)) : at::zeros(shape, ref.options().dtype(acc));
 }
 
 void check_stats(const char* op, const at::Tensor& stats, const at::Tensor& ref, double rescale) {

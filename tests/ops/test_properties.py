@@ -58,3 +58,26 @@ def test_dmd_grad_property(shape, scale, seed, eps, alpha_bar):
     assert_close(out.loss, expected.loss, torch.float32, scale=magnitude(expected.loss) * 10)
     # The normalisation makes mean|g| per sample equal mean|p_real - p_fake| / mean|p_real|.
     assert torch.isfinite(out.grad).all()
+
+
+# Values far from zero with a spread many orders of magnitude smaller: the per-sample statistics of
+# guidance rescale must keep the spread's precision (docs/guidance_kernels.md, "Rescale statistics").
+far_offsets = st.one_of(st.floats(-1e4, -1.0), st.floats(1.0, 1e4))
+relative_spreads = st.floats(1e-5, 1e-1)  # spread / |offset|; 1e-5 is still ~170 fp32 ulps
+
+
+@settings(max_examples=150, deadline=None)
+@given(shape=shapes, scale=st.one_of(st.sampled_from([0.0, 1.0]), scales), rescale=st.floats(0.01, 1.0),
+       seed=st.integers(0, 2**31 - 1), offset=far_offsets, relative_spread=relative_spreads)
+def test_rescale_statistics_far_from_zero_property(shape, scale, rescale, seed, offset, relative_spread):
+    u, c = _tensors(shape, torch.float32, seed, 2, abs(offset) * relative_spread, offset)
+    out, stats = torch.ops.ddg.cfg_combine(u, c, scale, None, rescale)
+    # cond's statistics are exact functions of the inputs for any scale.
+    rows = c.double().flatten(1)
+    var = rows.var(dim=1, correction=0)
+    ulp = torch.finfo(torch.float32).eps * abs(offset)
+    torch.testing.assert_close(stats[:, 2].double(), rows.mean(dim=1), atol=4 * ulp, rtol=0)
+    torch.testing.assert_close(stats[:, 3].double(), var, atol=1e-30, rtol=1e-5)
+    if scale in (0.0, 1.0):  # the guided prediction is uncond / cond exactly: fp64 is the exact answer
+        expected = reference.cfg_combine(u.double(), c.double(), scale, rescale)
+        torch.testing.assert_close(out.double(), expected, atol=0, rtol=1e-5)
