@@ -245,6 +245,10 @@ def test_split_token_functional_rejects_bad_input(call, error, match):
     (lambda: ops.adaln_modulate(rows, None, None, rows[:2], rows[:2], ci, 1e-6),
      r"ddg(\.adaln_modulate)?: 'cond_index' .*out of range"),
     (lambda: ops.gated_residual(rows, rows[:2], rows, ci), r"ddg(\.gated_residual)?: 'cond_index' .*out of range"),
+    (lambda: ops.cond_rows_sum(rows, ci, 2), r"ddg\.cond_rows_sum: 'cond_index' has values outside \[0, 2\)"),
+    (lambda: ops.cond_rows_sum(rows, ci.int(), 3), r"ddg\.cond_rows_sum: 'cond_index' must be an int64 tensor"),
+    (lambda: ops.cond_rows_sum(rows[0], ci, 3), r"ddg\.cond_rows_sum: 'rows' must be 2-D"),
+    (lambda: ops.cond_rows_sum(rows, ci, 0), r"ddg\.cond_rows_sum: 'cond_rows' is 0"),
 ])
 def test_split_token_raw_ops_reject_bad_input(call, match):
     with pytest.raises(RuntimeError, match=match):
