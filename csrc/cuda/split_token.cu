@@ -1,9 +1,9 @@
 // CUDA loops of the split-token ops (specs/gendd.md §3). Mirrors csrc/cpu/split_token.cpp;
 // all per-element math comes from csrc/common/split_token_math.h, which the CPU tests cover.
-//  * prepare: one grid-stride pass over the B*N*C target rows (x0) followed by the M*C noised rows.
-//  * adaLN modulate: one block per row (grid-stride over rows); mean from sums shifted by the row's
-//    first element (split_token_math.h), variance about it in a second pass, then the output pass
-//    (CUB block reductions). Block size 64/128/256 by row width.
+//  * prepare: one warp per output row, the B*N target rows (x0) then the M noised rows; lanes over C.
+//  * adaLN modulate: one block per row (grid-stride over rows), the row in registers (RowShape);
+//    mean from sums shifted by the row's first element (split_token_math.h), variance about it in a
+//    second pass, then the output pass (CUB block reductions).
 //  * its backward: a block per fixed group of rows, rows in order; each thread owns up to COLS
 //    columns of a row and keeps their x-hat / g / g-hat in registers between the row-sum pass (one
 //    CUB reduction of (sum g_xhat, sum g_xhat xhat)) and the dx / grad_scale_rows pass, and the LN
@@ -14,7 +14,7 @@
 //    column-sum kernel over segments of a stable sort of cond_index: deterministic, no atomics.
 //  * gated residual (+ backward): grid-stride elementwise, 16-byte packs when every pointer, the
 //    row width and the gate's row stride allow it.
-//  * diffusion loss: one warp per row (shuffle reductions over C); backward elementwise.
+//  * diffusion loss: one warp per row (shuffle reductions over C); backward one warp per row too.
 // Index ranges (cond_index, permutation, timesteps) are checked with CUDA_KERNEL_ASSERT.
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -55,17 +55,6 @@ __device__ __forceinline__ int64_t cond_row_of(const int64_t* index, int64_t r, 
 constexpr int64_t kMaxRowBlocks = int64_t(1) << 20;
 inline unsigned row_grid(int64_t blocks) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, kMaxRowBlocks)));
-}
-
-// Calls fn(std::integral_constant<int, BLOCK>) with the block size of a row of `width` elements.
-template <typename Fn>
-void with_row_block(int64_t width, const Fn& fn) {
-  if (width <= 256)
-    fn(std::integral_constant<int, 64>());
-  else if (width <= 1024)
-    fn(std::integral_constant<int, 128>());
-  else
-    fn(std::integral_constant<int, 256>());
 }
 
 // Block-wide reduction whose result every thread gets. Must be reached by all BLOCK threads; the
@@ -120,41 +109,49 @@ struct PrepareArgs {
 };
 
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t contracted(const PrepareArgs<scalar_t, acc_t>& p, int64_t i) {
-  const acc_t v = static_cast<acc_t>(p.f[i]);
-  return p.mu ? contract_value(v, static_cast<acc_t>(p.mu[i]), p.k.keep, p.k.contract) : v;
+__device__ __forceinline__ acc_t contracted(const PrepareArgs<scalar_t, acc_t>& p, const scalar_t* f,
+                                            const scalar_t* mu, int64_t j) {
+  const acc_t v = static_cast<acc_t>(f[j]);
+  return mu ? contract_value(v, static_cast<acc_t>(mu[j]), p.k.keep, p.k.contract) : v;
 }
 
-// Element j of token `token`'s target row (token = b * N + n).
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t target_value(const PrepareArgs<scalar_t, acc_t>& p, int64_t token, int64_t j) {
-  const int64_t b = token / p.N;
-  const int64_t offset = (token - b * p.N) * p.C + j;
-  acc_t v = contracted(p, b * p.D + offset);
-  if (p.perm) {
-    const int64_t partner = p.perm[b];
-    CUDA_KERNEL_ASSERT(partner >= 0 && partner < p.batch);
-    v = mix_value(v, contracted(p, partner * p.D + offset), p.k.mix, p.k.mix_rest);
-  }
-  return v;
-}
+// One warp per row of the tokens + M output rows (row q < tokens: x0 of token q; else x_t of row
+// q - tokens), lanes over its C elements: the row's sample, partner and timestep are found once per
+// row, not per element (no integer division in the element loop).
+constexpr int kRowWarps = kThreads / kWarp;  // rows per block per iteration
 
-// Flat index e over [0, tokens*C) writes x0, over [tokens*C, (tokens + M)*C) writes x_t.
 template <typename scalar_t, typename acc_t>
-__global__ void prepare_kernel(PrepareArgs<scalar_t, acc_t> p, scalar_t* __restrict__ x_t,
-                               scalar_t* __restrict__ x0) {
-  const int64_t n0 = p.tokens * p.C, total = n0 + p.rows * p.C;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (e < n0) {
-      const int64_t token = e / p.C;
-      x0[e] = static_cast<scalar_t>(target_value(p, token, e - token * p.C));
-    } else {
-      const int64_t i = e - n0, r = i / p.C, j = i - r * p.C;
+__global__ void __launch_bounds__(kThreads) prepare_kernel(PrepareArgs<scalar_t, acc_t> p, scalar_t* __restrict__ x_t,
+                                                           scalar_t* __restrict__ x0) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t C = p.C, total = p.tokens + p.rows;
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(kRowWarps) + threadIdx.x / kWarp; q < total;
+       q += static_cast<int64_t>(gridDim.x) * kRowWarps) {  // warp-uniform
+    const bool target = q < p.tokens;
+    const int64_t r = q - p.tokens, token = target ? q : r % p.tokens;
+    const int64_t b = token / p.N, offset = (token - b * p.N) * C;
+    const scalar_t* f = p.f + b * p.D + offset;
+    const scalar_t* mu = p.mu ? p.mu + b * p.D + offset : nullptr;
+    const scalar_t *f2 = nullptr, *mu2 = nullptr;
+    if (p.perm) {
+      const int64_t partner = p.perm[b];
+      CUDA_KERNEL_ASSERT(partner >= 0 && partner < p.batch);
+      f2 = p.f + partner * p.D + offset;
+      mu2 = p.mu ? p.mu + partner * p.D + offset : nullptr;
+    }
+    acc_t sab = 0, s1ab = 0;
+    if (!target) {
       const int64_t step = p.t[r];
       CUDA_KERNEL_ASSERT(step >= 0 && step < p.steps);
-      x_t[i] = static_cast<scalar_t>(noised_value(target_value(p, r % p.tokens, j), static_cast<acc_t>(p.noise[i]),
-                                                  p.sab[step], p.s1ab[step]));
+      sab = p.sab[step];
+      s1ab = p.s1ab[step];
+    }
+    scalar_t* out = target ? x0 + q * C : x_t + r * C;
+    const scalar_t* noise = p.noise + (target ? 0 : r * C);
+    for (int64_t j = lane; j < C; j += kWarp) {
+      acc_t v = contracted(p, f, mu, j);
+      if (f2) v = mix_value(v, contracted(p, f2, mu2, j), p.k.mix, p.k.mix_rest);
+      out[j] = static_cast<scalar_t>(target ? v : noised_value(v, static_cast<acc_t>(noise[j]), sab, s1ab));
     }
   }
 }
@@ -180,9 +177,9 @@ void prepare_typed(const PrepareCall& c, at::Tensor& x_t_out, at::Tensor& x0_out
   p.tokens = c.batch * p.N;
   p.rows = c.rows;
   p.steps = c.steps;
-  const int64_t total = (p.tokens + p.rows) * p.C;
-  if (total == 0) return;
-  prepare_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, stream>>>(
+  const int64_t total = p.tokens + p.rows;
+  if (total == 0 || p.C == 0) return;
+  prepare_kernel<scalar_t, acc_t><<<row_grid((total + kRowWarps - 1) / kRowWarps), kThreads, 0, stream>>>(
       p, x_t_out.mutable_data_ptr<scalar_t>(), x0_out.mutable_data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -202,36 +199,88 @@ struct ModulateArgs {
   acc_t eps;
 };
 
-template <typename scalar_t, typename acc_t, int BLOCK>
+// Launch shape of the LN row kernels: BLOCK threads, thread t owning columns p0 + t + k * BLOCK
+// (k < COLS) of each panel p0 = 0, PANEL, 2 PANEL, ... (PANEL = BLOCK * COLS). A row of up to PANEL
+// columns is one panel: its elements stay in the threads' registers from the statistics pass to the
+// output pass, so x (and in the backward g, scale) is read from global memory once. Wider rows
+// (W > 8192, 4096 in fp64) reload each panel in the later passes.
+template <int BLOCK, int COLS>
+struct RowShape {
+  static constexpr int kBlock = BLOCK, kCols = COLS;
+  static constexpr int64_t kPanel = int64_t(BLOCK) * COLS;
+};
+
+// The smallest shape whose panel holds the row; fp64 (two registers a value) keeps half the columns
+// so that no shape spills.
+template <typename acc_t, typename Fn>
+void with_row_shape(int64_t width, const Fn& fn) {
+  constexpr int s = sizeof(acc_t) / sizeof(float);
+  if (width <= 256 / s)
+    fn(RowShape<64, 4 / s>());
+  else if (width <= 1024 / s)
+    fn(RowShape<128, 8 / s>());
+  else if (width <= 2048 / s)
+    fn(RowShape<256, 8 / s>());
+  else if (width <= 4096 / s)
+    fn(RowShape<512, 8 / s>());
+  else
+    fn(RowShape<512, 16 / s>());
+}
+
+template <typename scalar_t, typename acc_t, int BLOCK, int COLS>
 __global__ void __launch_bounds__(BLOCK) modulate_kernel(ModulateArgs<scalar_t, acc_t> a, scalar_t* __restrict__ out,
                                                          acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out) {
+  constexpr int64_t kPanel = int64_t(BLOCK) * COLS;
   const int64_t W = a.width;
+  const bool one_panel = W <= kPanel;
   for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {  // block-uniform
     const int64_t ci = cond_row_of(a.index, r, a.cond_rows);
     const scalar_t* xr = a.x + r * W;
     const scalar_t* shift = a.shift + ci * a.shift_stride;
     const scalar_t* scale = a.scale + ci * a.scale_stride;
     scalar_t* o = out + r * W;
-
+    acc_t xv[COLS];  // this thread's columns of the current panel; past W: the shift (adds zero below)
     const acc_t s = static_cast<acc_t>(xr[0]);
+    auto load = [&](int64_t p0) {
+      const int64_t c0 = p0 + threadIdx.x, left = W - c0;
+#pragma unroll
+      for (int k = 0; k < COLS; ++k) xv[k] = k * BLOCK < left ? static_cast<acc_t>(xr[c0 + k * BLOCK]) : s;
+    };
     acc_t sum = 0;
-    for (int64_t i = threadIdx.x; i < W; i += BLOCK) sum += shifted_value(static_cast<acc_t>(xr[i]), s);
+    for (int64_t p0 = 0; p0 < W; p0 += kPanel) {
+      load(p0);
+#pragma unroll
+      for (int k = 0; k < COLS; ++k) sum += shifted_value(xv[k], s);
+    }
     const acc_t mean = mean_from_shifted_sum(s, block_allreduce<BLOCK>(sum, SumOp()), acc_t(W));
     acc_t sq = 0;
-    for (int64_t i = threadIdx.x; i < W; i += BLOCK) {
-      const acc_t d = static_cast<acc_t>(xr[i]) - mean;
-      sq += d * d;
+    for (int64_t p0 = 0; p0 < W; p0 += kPanel) {
+      if (!one_panel) load(p0);
+      const int64_t left = W - p0 - threadIdx.x;
+#pragma unroll
+      for (int k = 0; k < COLS; ++k) {
+        const acc_t d = k * BLOCK < left ? xv[k] - mean : acc_t(0);
+        sq += d * d;
+      }
     }
     const acc_t rstd = acc_t(1) / row_sqrt(block_allreduce<BLOCK>(sq, SumOp()) / acc_t(W) + a.eps);
     if (threadIdx.x == 0) {
       mean_out[r] = mean;
       rstd_out[r] = rstd;
     }
-    for (int64_t i = threadIdx.x; i < W; i += BLOCK) {
-      acc_t y = (static_cast<acc_t>(xr[i]) - mean) * rstd;
-      if (a.w) y = y * static_cast<acc_t>(a.w[i]);
-      if (a.bias) y = y + static_cast<acc_t>(a.bias[i]);
-      o[i] = static_cast<scalar_t>(modulate_value(y, static_cast<acc_t>(scale[i]), static_cast<acc_t>(shift[i])));
+    for (int64_t p0 = 0; p0 < W; p0 += kPanel) {
+      if (!one_panel) load(p0);
+      const int64_t c0 = p0 + threadIdx.x, left = W - c0;
+#pragma unroll
+      for (int k = 0; k < COLS; ++k) {
+        if (k * BLOCK < left) {
+          const int64_t i = c0 + k * BLOCK;
+          acc_t y = (xv[k] - mean) * rstd;
+          if (a.w) y = y * static_cast<acc_t>(a.w[i]);
+          if (a.bias) y = y + static_cast<acc_t>(a.bias[i]);
+          o[i] = static_cast<scalar_t>(modulate_value(y, static_cast<acc_t>(scale[i]), static_cast<acc_t>(shift[i])));
+        }
+      }
     }
   }
 }
@@ -255,9 +304,9 @@ void modulate_typed(const ModulateCall& c, at::Tensor& out, at::Tensor& mean, at
   a.cond_rows = c.cond_rows;
   a.eps = acc_t(c.eps);
   if (c.rows == 0) return;
-  with_row_block(c.width, [&](auto block) {
-    constexpr int BLOCK = decltype(block)::value;
-    modulate_kernel<scalar_t, acc_t, BLOCK><<<row_grid(c.rows), BLOCK, 0, stream>>>(
+  with_row_shape<acc_t>(c.width, [&](auto shape) {
+    using Shape = decltype(shape);
+    modulate_kernel<scalar_t, acc_t, Shape::kBlock, Shape::kCols><<<row_grid(c.rows), Shape::kBlock, 0, stream>>>(
         a, out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -277,35 +326,6 @@ struct ModulateGradArgs {
   int64_t rows, width, cond_rows;
   int64_t rows_per_group, groups;
 };
-
-// Launch shape of the backward: BLOCK threads, thread t owning columns p0 + t + k * BLOCK (k < COLS)
-// of each panel p0 = 0, PANEL, 2 PANEL, ... (PANEL = BLOCK * COLS). Rows of up to PANEL columns are one
-// panel: then x-hat, g and g (1 + scale) of the thread's columns stay in registers from the row-sum
-// pass to the output pass (x, g, scale are read once), and the LN weight/bias gradients of its
-// columns stay in registers across the rows of its group, written once per group. Wider rows
-// (W > 8192, 4096 in fp64) take a row per group and reload each panel in the output pass.
-template <int BLOCK, int COLS>
-struct BackwardShape {
-  static constexpr int kBlock = BLOCK, kCols = COLS;
-  static constexpr int64_t kPanel = int64_t(BLOCK) * COLS;
-};
-
-// The smallest shape whose panel holds the row; fp64 (two registers a value) keeps half the columns
-// so that no shape spills.
-template <typename acc_t, typename Fn>
-void with_backward_shape(int64_t width, const Fn& fn) {
-  constexpr int s = sizeof(acc_t) / sizeof(float);
-  if (width <= 256 / s)
-    fn(BackwardShape<64, 4 / s>());
-  else if (width <= 1024 / s)
-    fn(BackwardShape<128, 8 / s>());
-  else if (width <= 2048 / s)
-    fn(BackwardShape<256, 8 / s>());
-  else if (width <= 4096 / s)
-    fn(BackwardShape<512, 8 / s>());
-  else
-    fn(BackwardShape<512, 16 / s>());
-}
 
 // Block k handles groups k, k + gridDim.x, ...; a group's rows in order.
 template <typename scalar_t, typename acc_t, int BLOCK, int COLS>
@@ -467,7 +487,7 @@ void modulate_backward_typed(const ModulateCall& c, const at::Tensor& grad_out, 
   a.cond_rows = c.cond_rows;
   scalar_t* dx = grad_x.mutable_data_ptr<scalar_t>();
   scalar_t* dscale = grad_scale_rows.mutable_data_ptr<scalar_t>();
-  with_backward_shape<acc_t>(W, [&](auto shape) {
+  with_row_shape<acc_t>(W, [&](auto shape) {
     using Shape = decltype(shape);
     constexpr int BLOCK = Shape::kBlock;
     at::Tensor partials;
@@ -477,7 +497,7 @@ void modulate_backward_typed(const ModulateCall& c, const at::Tensor& grad_out, 
       const int64_t max_groups = kGroupThreads / BLOCK;
       a.rows_per_group = (M + max_groups - 1) / max_groups;
     } else {
-      a.rows_per_group = 1;  // no partials, or rows wider than a panel (see BackwardShape)
+      a.rows_per_group = 1;  // no partials, or rows wider than a panel (see RowShape)
     }
     a.groups = (M + a.rows_per_group - 1) / a.rows_per_group;
     if (want_w || want_b) {
@@ -650,7 +670,6 @@ __device__ __forceinline__ LossCoefs<acc_t> row_loss_coefs(const LossArgs<scalar
   return LossCoefs<acc_t>{a.table[step * 3], a.table[step * 3 + 1], a.table[step * 3 + 2]};
 }
 
-constexpr int kLossWarps = kThreads / kWarp;  // rows per block per iteration
 
 // One warp per row (warp-uniform row loop); lanes stride over the C channels.
 template <typename scalar_t, typename acc_t>
@@ -658,8 +677,8 @@ __global__ void __launch_bounds__(kThreads) loss_kernel(LossArgs<scalar_t, acc_t
                                                         acc_t* __restrict__ mse) {
   const int lane = threadIdx.x % kWarp;
   const int64_t C = a.C;
-  for (int64_t r = blockIdx.x * static_cast<int64_t>(kLossWarps) + threadIdx.x / kWarp; r < a.rows;
-       r += static_cast<int64_t>(gridDim.x) * kLossWarps) {
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(kRowWarps) + threadIdx.x / kWarp; r < a.rows;
+       r += static_cast<int64_t>(gridDim.x) * kRowWarps) {
     const scalar_t* o = a.out + r * a.width;
     const scalar_t* e = a.noise + r * C;
     acc_t sq = 0;
@@ -687,29 +706,35 @@ __global__ void __launch_bounds__(kThreads) loss_kernel(LossArgs<scalar_t, acc_t
   }
 }
 
+// One warp per row, lanes over its C channels (the v half of channel j next to its mean half): the
+// row's timestep, coefficients and gradient scales are found once per row.
 template <typename scalar_t, typename acc_t>
-__global__ void loss_backward_kernel(LossArgs<scalar_t, acc_t> a, const acc_t* __restrict__ grad_loss,
-                                     scalar_t* __restrict__ grad) {
-  const int64_t C = a.C, numel = a.rows * a.width;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / a.width, j = i - r * a.width;
+__global__ void __launch_bounds__(kThreads) loss_backward_kernel(LossArgs<scalar_t, acc_t> a,
+                                                                 const acc_t* __restrict__ grad_loss,
+                                                                 scalar_t* __restrict__ grad) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t C = a.C;
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(kRowWarps) + threadIdx.x / kWarp; r < a.rows;
+       r += static_cast<int64_t>(gridDim.x) * kRowWarps) {  // warp-uniform
     const scalar_t* o = a.out + r * a.width;
     const scalar_t* e = a.noise + r * C;
+    scalar_t* gr = grad + r * a.width;
     const acc_t gl = grad_loss[r];
-    if (j < C) {
-      const acc_t g_mse = acc_t(2) * gl / acc_t(C);
-      grad[i] = static_cast<scalar_t>(g_mse * (static_cast<acc_t>(o[j]) - static_cast<acc_t>(e[j])));
-    } else {  // learned: the v half, channel jj
-      const int64_t jj = j - C;
-      const int64_t step = a.t[r];
-      const LossCoefs<acc_t> k = row_loss_coefs(a, step);
-      const scalar_t* x0r = a.x0 + (r % a.x0_rows) * C;
-      const acc_t g_vb = gl / acc_t(C) / a.log2;
-      grad[i] = static_cast<scalar_t>(
-          g_vb * vb_term(step == 0, static_cast<acc_t>(o[jj]) - static_cast<acc_t>(e[jj]), static_cast<acc_t>(o[j]),
-                         static_cast<acc_t>(x0r[jj]), k)
-                     .grad_v);
+    const acc_t g_mse = acc_t(2) * gl / acc_t(C);
+    if (!a.learned) {
+      for (int64_t j = lane; j < C; j += kWarp)
+        gr[j] = static_cast<scalar_t>(g_mse * (static_cast<acc_t>(o[j]) - static_cast<acc_t>(e[j])));
+      continue;
+    }
+    const int64_t step = a.t[r];
+    const LossCoefs<acc_t> k = row_loss_coefs(a, step);
+    const scalar_t* x0r = a.x0 + (r % a.x0_rows) * C;
+    const acc_t g_vb = gl / acc_t(C) / a.log2;
+    for (int64_t j = lane; j < C; j += kWarp) {
+      const acc_t diff = static_cast<acc_t>(o[j]) - static_cast<acc_t>(e[j]);
+      gr[j] = static_cast<scalar_t>(g_mse * diff);
+      gr[C + j] = static_cast<scalar_t>(
+          g_vb * vb_term(step == 0, diff, static_cast<acc_t>(o[C + j]), static_cast<acc_t>(x0r[j]), k).grad_v);
     }
   }
 }
@@ -740,7 +765,7 @@ void loss_typed(const LossCall& c, at::Tensor& loss, at::Tensor& mse) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (c.rows == 0) return;
   const LossArgs<scalar_t, acc_t> a = loss_args<scalar_t>(c);
-  loss_kernel<scalar_t, acc_t><<<row_grid((c.rows + kLossWarps - 1) / kLossWarps), kThreads, 0, stream>>>(
+  loss_kernel<scalar_t, acc_t><<<row_grid((c.rows + kRowWarps - 1) / kRowWarps), kThreads, 0, stream>>>(
       a, loss.mutable_data_ptr<acc_t>(), mse.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -753,7 +778,7 @@ void loss_backward_typed(const LossCall& c, const at::Tensor& grad_loss, at::Ten
   const LossArgs<scalar_t, acc_t> a = loss_args<scalar_t>(c);
   const int64_t numel = a.rows * a.width;
   if (numel == 0) return;
-  loss_backward_kernel<scalar_t, acc_t><<<elementwise_blocks(numel), kThreads, 0, stream>>>(
+  loss_backward_kernel<scalar_t, acc_t><<<row_grid((a.rows + kRowWarps - 1) / kRowWarps), kThreads, 0, stream>>>(
       a, grad_loss.const_data_ptr<acc_t>(), grad_output.mutable_data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
