@@ -211,7 +211,7 @@ struct RowShape {
 };
 
 // The smallest shape whose panel holds the row; fp64 (two registers a value) keeps half the columns
-// so that no shape spills.
+// per thread, or half the threads for the widest rows, so that no shape spills.
 template <typename acc_t, typename Fn>
 void with_row_shape(int64_t width, const Fn& fn) {
   constexpr int s = sizeof(acc_t) / sizeof(float);
@@ -224,7 +224,7 @@ void with_row_shape(int64_t width, const Fn& fn) {
   else if (width <= 4096 / s)
     fn(RowShape<512, 8 / s>());
   else
-    fn(RowShape<512, 16 / s>());
+    fn(RowShape<512 / s, 16>());
 }
 
 template <typename scalar_t, typename acc_t, int BLOCK, int COLS>
