@@ -69,6 +69,9 @@ TORCH_LIBRARY(ddg, m) {
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_scale_rows)");
   // x + gate * h; gate rows picked by cond_index like shift/scale.
   m.def("gated_residual(Tensor x, Tensor gate, Tensor h, Tensor? cond_index) -> Tensor");
+  // out[u] = the sum of rows[r] over r with cond_index[r] == u ([cond_rows, W], fp32 accumulation):
+  // the gradient of condition rows shared through cond_index, summed in a fixed order.
+  m.def("cond_rows_sum(Tensor rows, Tensor cond_index, int cond_rows) -> Tensor");
   m.def(
       "gated_residual_backward(Tensor grad_out, Tensor gate, Tensor h, Tensor? cond_index) "
       "-> (Tensor grad_h, Tensor grad_gate_rows)");

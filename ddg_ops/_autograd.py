@@ -82,12 +82,20 @@ def _bn_stats_backward(ctx, grad_mean, grad_var):
 # ---------------------------------------------------------------- split_token
 
 def _sum_cond_rows(rows_grad: torch.Tensor, cond_index, cond_rows: int) -> torch.Tensor:
-    """Per-row gradients of [U, W] condition rows shared through cond_index: summed per condition (fp32)."""
+    """Per-row gradients of [U, W] condition rows shared through cond_index: summed per condition in a
+    fixed order (fp32 accumulation; no atomics, so the same bits on every run on every backend)."""
     if cond_index is None:
         return rows_grad
-    acc = torch.zeros((cond_rows, rows_grad.shape[1]), dtype=torch.promote_types(rows_grad.dtype, torch.float32),
-                      device=rows_grad.device)
-    return acc.index_add_(0, cond_index, rows_grad.to(acc.dtype)).to(rows_grad.dtype)
+    return torch.ops.ddg.cond_rows_sum(rows_grad, cond_index, cond_rows)
+
+
+def _cond_rows_sum_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _cond_rows_sum_backward(ctx, grad_out):
+    (cond_index,) = ctx.saved_tensors
+    return grad_out[cond_index], None, None
 
 
 def _adaln_modulate_setup(ctx, inputs, output):
@@ -146,6 +154,7 @@ torch.library.register_autograd("ddg::dmd_grad", _dmd_grad_backward, setup_conte
 torch.library.register_autograd("ddg::adaln_modulate", _adaln_modulate_backward, setup_context=_adaln_modulate_setup)
 torch.library.register_autograd("ddg::gated_residual", _gated_residual_backward, setup_context=_gated_residual_setup)
 torch.library.register_autograd("ddg::diffusion_loss", _diffusion_loss_backward, setup_context=_diffusion_loss_setup)
+torch.library.register_autograd("ddg::cond_rows_sum", _cond_rows_sum_backward, setup_context=_cond_rows_sum_setup)
 torch.library.register_autograd("ddg::split_token_prepare", _constant_targets)
 for _op in ("cfg_combine_backward", "cfg_step_backward", "dmd_grad_backward", "bn_stats_backward",
             "adaln_modulate_backward", "gated_residual_backward", "diffusion_loss_backward"):

@@ -111,6 +111,12 @@ def _gated_residual_backward(grad_out, gate, h, cond_index):
     return h.new_empty(h.shape), h.new_empty(h.shape)
 
 
+@torch.library.register_fake("ddg::cond_rows_sum")
+def _cond_rows_sum(rows, cond_index, cond_rows):
+    torch._check(rows.dim() == 2, lambda: f"ddg.cond_rows_sum: 'rows' must be 2-D, got {rows.dim()}-D")
+    return rows.new_empty((cond_rows, rows.shape[1]))
+
+
 @torch.library.register_fake("ddg::diffusion_loss")
 def _diffusion_loss(model_output, noise, timesteps, x0, loss_coefs, learned_variance):
     return _row_stats(noise), _row_stats(noise)

@@ -203,6 +203,13 @@ def adaln_modulate(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     return out.to(x.dtype)
 
 
+def cond_rows_sum(rows: torch.Tensor, cond_index: torch.Tensor, cond_rows: int) -> torch.Tensor:
+    """[cond_rows, W]: row u is the sum of the rows r of [M, W] with cond_index[r] == u (the gradient of
+    condition rows shared through cond_index), accumulated in fp32 (fp64 for fp64)."""
+    acc = torch.zeros((cond_rows, rows.shape[1]), dtype=opmath_dtype(rows.dtype), device=rows.device)
+    return acc.index_add_(0, cond_index, rows.to(acc.dtype)).to(rows.dtype)
+
+
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor,
                    cond_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x + gate * h on [M, W] rows; gate is [U, W] picked by cond_index [M] (U = M without it)."""

@@ -6,6 +6,7 @@
 // csrc/common/split_token_math.h.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -101,6 +102,23 @@ void apply_affine(typename VecIO<scalar_t>::Pair& y, const scalar_t* w, const sc
   }
 }
 
+// Sum of shifted_value(x, s) over a row: SIMD lanes, then the scalar tail.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+acc_t row_shifted_sum(const scalar_t* p, int64_t n, acc_t s) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  const Vec vs(s);
+  Vec acc(acc_t(0));
+  acc_t tail = 0;
+  int64_t i = 0;
+  for (; i + IO::kStep <= n; i += IO::kStep) {
+    const auto v = IO::load(p + i);
+    acc += shifted_value(v.lo, vs) + shifted_value(v.hi, vs);
+  }
+  for (; i < n; ++i) tail += shifted_value(acc_t(p[i]), s);
+  return lane_sum(acc) + tail;
+}
+
 template <typename scalar_t>
 void modulate_typed(const ModulateCall& c, at::Tensor& out_t, at::Tensor& mean_t, at::Tensor& rstd_t) {
   using IO = VecIO<scalar_t>;
@@ -121,7 +139,8 @@ void modulate_typed(const ModulateCall& c, at::Tensor& out_t, at::Tensor& mean_t
       const scalar_t* shift = cond_row<scalar_t>(c.shift, index, r);
       const scalar_t* scale = cond_row<scalar_t>(c.scale, index, r);
       scalar_t* o = out + r * W;
-      const acc_t mean = span_sum(xr, W) / acc_t(W);
+      const acc_t s = acc_t(xr[0]);
+      const acc_t mean = mean_from_shifted_sum(s, row_shifted_sum(xr, W, s), acc_t(W));
       const acc_t rstd = acc_t(1) / std::sqrt(span_sq_dev(xr, W, mean) / acc_t(W) + acc_t(c.eps));
       mean_out[r] = mean;
       rstd_out[r] = rstd;
@@ -390,6 +409,33 @@ void loss_backward_typed(const LossCall& c, const at::Tensor& grad_loss, at::Ten
       for (int64_t j = 0; j < C; ++j)
         gr[C + j] = scalar_t(g_vb * vb_term(t[r] == 0, acc_t(o[j]) - acc_t(e[j]), acc_t(o[C + j]),
                                             acc_t(x0r[j]), k).grad_v);
+    }
+  });
+}
+
+// ---------------------------------------------------------------- condition-row sums
+
+// Each condition's rows in ascending row order, one condition per task: deterministic.
+template <typename scalar_t>
+void cond_rows_sum_typed(const CondSumCall& c, at::Tensor& out_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = c.rows.size(0), W = c.rows.size(1), U = c.cond_rows;
+  const scalar_t* rows = c.rows.const_data_ptr<scalar_t>();
+  const int64_t* order = c.order.const_data_ptr<int64_t>();
+  const int64_t* offsets = c.offsets.const_data_ptr<int64_t>();
+  TORCH_CHECK(offsets[0] == 0 && offsets[U] == M, "ddg.cond_rows_sum: 'cond_index' has values outside [0, ", U,
+              ")");
+  scalar_t* out = out_t.mutable_data_ptr<scalar_t>();
+  const int64_t rows_per_cond = std::max<int64_t>(1, M / std::max<int64_t>(U, 1));
+  at::parallel_for(0, U, row_grain(W * rows_per_cond), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(W);
+    for (int64_t u = begin; u < end; ++u) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t k = offsets[u]; k < offsets[u + 1]; ++k) {
+        const scalar_t* row = rows + order[k] * W;
+        for (int64_t i = 0; i < W; ++i) acc[i] += acc_t(row[i]);
+      }
+      for (int64_t i = 0; i < W; ++i) out[u * W + i] = scalar_t(acc[i]);
     }
   });
 }

@@ -1,5 +1,5 @@
 // Registers the split-token ops of one backend with its typed loops (templates on scalar_t):
-// prepare, modulate, modulate_backward, gated, gated_backward, loss, loss_backward.
+// prepare, modulate, modulate_backward, gated, gated_backward, loss, loss_backward, cond_rows_sum.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -45,6 +45,10 @@ const SplitTokenKernels& split_token_kernels() {
       [](const LossCall& c, const at::Tensor& g, at::Tensor& grad) {
         DDG_SPLIT_TOKEN_DISPATCH(c.noise.scalar_type(), "ddg.diffusion_loss_backward",
                                  [&] { Loops::template loss_backward<scalar_t>(c, g, grad); });
+      },
+      [](const CondSumCall& c, at::Tensor& out) {
+        DDG_SPLIT_TOKEN_DISPATCH(c.rows.scalar_type(), "ddg.cond_rows_sum",
+                                 [&] { Loops::template cond_rows_sum<scalar_t>(c, out); });
       }};
   return kernels;
 }
@@ -63,6 +67,7 @@ const SplitTokenKernels& split_token_kernels() {
     DDG_SPLIT_TOKEN_LOOP(gated_backward)                                                    \
     DDG_SPLIT_TOKEN_LOOP(loss)                                                              \
     DDG_SPLIT_TOKEN_LOOP(loss_backward)                                                     \
+    DDG_SPLIT_TOKEN_LOOP(cond_rows_sum)                                                     \
   }
 
 template <class Loops>
@@ -105,6 +110,9 @@ void register_split_token_ops(torch::Library& m) {
            return diffusion_loss_backward_op(split_token_kernels<Loops>(), grad_loss, model_output, noise, timesteps, x0, loss_coefs,
                                              learned_variance);
          });
+  m.impl("cond_rows_sum", [](const at::Tensor& rows, const at::Tensor& cond_index, int64_t cond_rows) {
+    return cond_rows_sum_op(split_token_kernels<Loops>(), rows, cond_index, cond_rows);
+  });
 }
 
 }  // namespace ddg

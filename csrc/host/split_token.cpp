@@ -292,4 +292,25 @@ at::Tensor diffusion_loss_backward_op(const SplitTokenKernels& k, const at::Tens
   return grad_output;
 }
 
+// The segments come from a stable sort of cond_index (deterministic on every backend), so each
+// condition's rows are summed in a fixed order: no atomics, the same bits on every run.
+at::Tensor cond_rows_sum_op(const SplitTokenKernels& k, const at::Tensor& rows, const at::Tensor& cond_index,
+                            int64_t cond_rows) {
+  const char* op = "cond_rows_sum";
+  check_float(op, "rows", rows, 2);
+  TORCH_CHECK(cond_rows >= 0, "ddg.", op, ": 'cond_rows' must be >= 0, got ", cond_rows);
+  CondSumCall c;
+  c.rows = rows.contiguous();
+  const at::Tensor index = index_arg(op, "cond_index", cond_index, rows.size(0), rows.device());
+  TORCH_CHECK(cond_rows > 0 || rows.size(0) == 0, "ddg.", op, ": 'cond_rows' is 0 but 'rows' has ", rows.size(0),
+              " rows to sum");
+  c.cond_rows = cond_rows;
+  const auto [sorted, order] = index.sort(std::optional<bool>(true), /*dim=*/0);
+  c.order = order;
+  c.offsets = at::searchsorted(sorted, at::arange(cond_rows + 1, index.options()));
+  at::Tensor out = at::empty({cond_rows, rows.size(1)}, rows.options());
+  if (out.numel() > 0) k.cond_rows_sum(c, out);
+  return out;
+}
+
 }  // namespace ddg

@@ -58,6 +58,15 @@ struct LossCall {
   int64_t rows = 0, channels = 0, x0_rows = 0, steps = 0;
 };
 
+// Rows of [M, W] summed per condition: segment u is rows order[k], k in [offsets[u], offsets[u + 1]),
+// order = the rows sorted by cond_index (stable, so ascending within a segment).
+struct CondSumCall {
+  at::Tensor rows;     // [M, W] contiguous
+  at::Tensor order;    // int64 [M]
+  at::Tensor offsets;  // int64 [U + 1]
+  int64_t cond_rows = 0;
+};
+
 struct SplitTokenKernels {
   void (*prepare)(const PrepareCall& c, at::Tensor& x_t, at::Tensor& x0);
   void (*modulate)(const ModulateCall& c, at::Tensor& out, at::Tensor& mean, at::Tensor& rstd);
@@ -70,6 +79,7 @@ struct SplitTokenKernels {
                          at::Tensor& grad_gate_rows);
   void (*loss)(const LossCall& c, at::Tensor& loss, at::Tensor& mse);
   void (*loss_backward)(const LossCall& c, const at::Tensor& grad_loss, at::Tensor& grad_output);
+  void (*cond_rows_sum)(const CondSumCall& c, at::Tensor& out);  // writes every element of out
 };
 
 std::tuple<at::Tensor, at::Tensor> split_token_prepare_op(
@@ -104,5 +114,8 @@ at::Tensor diffusion_loss_backward_op(const SplitTokenKernels& k, const at::Tens
                                       const at::Tensor& model_output, const at::Tensor& noise,
                                       const at::Tensor& timesteps, const std::optional<at::Tensor>& x0,
                                       const at::Tensor& loss_coefs, bool learned_variance);
+
+at::Tensor cond_rows_sum_op(const SplitTokenKernels& k, const at::Tensor& rows, const at::Tensor& cond_index,
+                            int64_t cond_rows);
 
 }  // namespace ddg

@@ -248,6 +248,11 @@ def test_split_token_functional_rejects_bad_input(call, error, match):
                  r"ddg(\.adaln_modulate)?: 'cond_index' .*out of range", marks=pytest.mark.cpu_kernel_only),
     pytest.param(lambda: ops.gated_residual(rows, rows[:2], rows, ci),
                  r"ddg(\.gated_residual)?: 'cond_index' .*out of range", marks=pytest.mark.cpu_kernel_only),
+    pytest.param(lambda: ops.cond_rows_sum(rows, ci, 2), r"ddg\.cond_rows_sum: 'cond_index' has values outside \[0, 2\)",
+                 marks=pytest.mark.cpu_kernel_only),
+    (lambda: ops.cond_rows_sum(rows, ci.int(), 3), r"ddg\.cond_rows_sum: 'cond_index' must be an int64 tensor"),
+    (lambda: ops.cond_rows_sum(rows[0], ci, 3), r"ddg\.cond_rows_sum: 'rows' must be 2-D"),
+    (lambda: ops.cond_rows_sum(rows, ci, 0), r"ddg\.cond_rows_sum: 'cond_rows' is 0"),
 ])
 def test_split_token_raw_ops_reject_bad_input(call, match):
     with pytest.raises(RuntimeError, match=match):

@@ -84,6 +84,12 @@ def test_gated_residual_gradcheck(cond):
     assert gradcheck(lambda x, proj, h: ddg_ops.gated_residual(x, proj[:, 6:12], h, cond_index=ci), (x, proj, h))
 
 
+def test_cond_rows_sum_gradcheck():
+    ci, U = _cond(True)
+    (rows,) = _leaves(1, (5, 6))
+    assert gradcheck(lambda r: torch.ops.ddg.cond_rows_sum(r, ci, U), (rows,))
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_diffusion_loss_epsilon_gradcheck(reduction):
     M, C = 6, 5

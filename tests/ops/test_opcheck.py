@@ -80,6 +80,7 @@ def _split_token_forward(dtype, rg):
         "gated_cond": (ops.gated_residual.default, (x, gate_u, h, ci)),
         "loss_epsilon": (ops.diffusion_loss.default, (_t((M, C), dtype, rg), noise, t, None, coefs, False)),
         "loss_learned": (ops.diffusion_loss.default, (_t((M, 2 * C), dtype, rg), noise, t, x0, coefs, True)),
+        "cond_rows_sum": (ops.cond_rows_sum.default, (_t((M, W), dtype, rg), ci, U + 1)),
     }
 
 
@@ -119,7 +120,7 @@ def _split_token_backward(dtype):
 
 
 _FORWARD_NAMES = ["adaln_affine", "adaln_weight_cond", "adaln_plain_cond", "gated", "gated_cond", "loss_epsilon",
-                  "loss_learned"]
+                  "loss_learned", "cond_rows_sum"]
 _BACKWARD_NAMES = ["adaln_bw_affine_cond", "adaln_bw_plain", "gated_bw", "gated_bw_cond", "loss_bw_epsilon",
                    "loss_bw_learned"]
 

@@ -219,11 +219,18 @@ def test_adaln_modulate_cond_index_gradients_by_hand(dtype):
     assert not g_shift[U - 1].any() and not g_scale[U - 1].any()
 
 
-def test_adaln_modulate_large_offset_keeps_small_variance():
-    """Rows of mean 100 and std 0.01 in fp32: a one-pass E[x^2] - E[x]^2 loses every digit of the
-    variance; the LN must still match fp64 on the same rounded inputs."""
-    x = (100.0 + 0.01 * torch.randn(5, 1023, dtype=torch.float64)).float()
-    shift, scale, _ = _adaln_projection(5, 1023, torch.float32)
+@pytest.mark.parametrize("W", [1023, 4097])
+@pytest.mark.parametrize("seed", range(20))
+def test_adaln_modulate_large_offset_keeps_small_variance(seed, W):
+    """Rows of mean 100 and std 0.01 in fp32: a plain fp32 sum of the row rounds at the magnitude of
+    the sum and misplaces the mean by a good part of the std, and a one-pass E[x^2] - E[x]^2 loses
+    every digit of the variance. With the mean taken from shifted sums only its final rounding to
+    fp32 remains: |mean error| <= ulp(100) / 2 = 3.8e-6, i.e. <= 3.8e-4 / (std / 0.01) in x-hat,
+    times |1 + scale| <= ~4 here, inside atol 2e-3 for every seed (a lucky seed is not enough)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (100.0 + 0.01 * torch.randn(5, W, dtype=torch.float64, generator=gen)).float()
+    proj = (torch.randn(5, 3 * W, generator=gen) * 0.7)
+    shift, scale = proj[:, W:2 * W], proj[:, 2 * W:]
     out = ddg_ops.adaln_modulate(x, shift, scale)
     expected = reference.adaln_modulate(x.double(), None, None, shift.double(), scale.double())
     torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=1e-3)
@@ -623,3 +630,61 @@ def test_raw_backward_ops_by_hand(dtype, cond):
     (expected,) = torch.autograd.grad(ref_loss, mo64, grad_loss.double())
     assert g_mo.shape == (M, 2 * C)
     assert_close(g_mo.double(), expected, tol, scale=magnitude(expected))
+
+
+# ------------------------------------------------------------------------------ condition-row sums
+
+@pytest.mark.requires_ext
+@pytest.mark.parametrize("M,W,U", [(1, 1, 1), (33, 7, 13), (5, 1025, 7), (2000, 63, 3), (0, 5, 4), (4, 0, 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cond_rows_sum_matches_reference(dtype, M, W, U):
+    """Rows summed per condition (unused conditions give zero rows); sliced rows are read as values."""
+    rows = _rows(M, W, dtype, "sliced" if M and W else "contiguous")
+    ci = torch.randint(0, max(U - 1, 1), (M,))
+    got = torch.ops.ddg.cond_rows_sum(rows, ci, U)
+    expected = reference.cond_rows_sum(rows.double(), ci, U)
+    assert got.shape == (U, W) and got.dtype == dtype
+    assert_close(got, expected, dtype, scale=magnitude(expected) * max(1.0, math.sqrt(M / U)))
+    if U > 1 and M:
+        assert not got[U - 1].any()
+
+
+@pytest.mark.requires_ext
+def test_shared_condition_gradients_are_deterministic():
+    """4096 rows share 3 conditions (a segment of ~1365 rows each): the gradients of shift, scale
+    and gate, summed per condition, have the same bits on every run (no atomics: the summation order
+    is fixed) and match the fp64 reference."""
+    M, W, U = 4096, 63, 3
+    torch.manual_seed(0)
+    ci = torch.randint(0, U, (M,))
+    x, h = _rows(M, W, torch.float32), _rows(M, W, torch.float32)
+    proj = torch.randn(U, 3 * W)
+    weight, bias = _affine_params(W, torch.float32, "affine")
+    grad_out = torch.randn(M, W)
+
+    def grads(dtype):
+        p = proj.to(dtype).requires_grad_()
+        w, b = weight.to(dtype).requires_grad_(), bias.to(dtype).requires_grad_()
+        fn = ddg_ops if dtype == torch.float32 else reference
+        if fn is ddg_ops:
+            out = ddg_ops.adaln_modulate(x, p[:, :W], p[:, W:2 * W], w, b, cond_index=ci)
+            out = ddg_ops.gated_residual(out, p[:, 2 * W:], h, cond_index=ci)
+        else:
+            out = reference.adaln_modulate(x.double(), w, b, p[:, :W], p[:, W:2 * W], ci)
+            out = reference.gated_residual(out, p[:, 2 * W:], h.double(), ci)
+        return torch.autograd.grad(out, (p, w, b), grad_out.to(dtype))
+
+    first, second = grads(torch.float32), grads(torch.float32)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    for name, got, exp in zip(("proj", "weight", "bias"), first, grads(torch.float64)):
+        assert_close(got, exp, torch.float32, scale=magnitude(exp), msg=name)
+
+
+@pytest.mark.parametrize("cond", [False, True], ids=["per_row", "cond_index"])
+def test_adaln_modulate_rows_wider_than_a_panel(cond):
+    """W = 16411 is wider than the CUDA backward keeps in registers (8192 columns): the row is taken
+    panel by panel; the results must not change."""
+    inputs = _adaln_inputs(3, 16411, torch.float32, "affine", cond, layout="column_slices")
+    _compare(_adaln(), _adaln_ref(), inputs, ADALN_GRADS, msg="adaln_modulate wide",
+             grad_scales=_adaln_grad_scales())
