@@ -295,7 +295,8 @@ CASES: Tuple[OpCase, ...] = (
     OpCase("bn_stats", ("bn_stats", "bn_stats_backward"),
            {"odd": ((5, 3, 13, 17), (2, 7, 5, 9), (33, 7)), "large": ((4, 64, 28, 28), (8, 64, 56, 56))},
            _ALL_LAYOUTS, ("stats",), _build_bn_stats),
-    OpCase("adaln_modulate", ("adaln_modulate", "adaln_modulate_backward"),
+    # The cond_index variants' shift/scale gradients go through cond_rows_sum (rows sharing a condition).
+    OpCase("adaln_modulate", ("adaln_modulate", "adaln_modulate_backward", "cond_rows_sum"),
            {"odd": ((33, 1025), (5, 63), (1, 1)), "large": ((128, 1024), (2048, 1024)), "empty": ((0, 7),)},
            _ROW_LAYOUTS, ("affine", "none+cond_index", "affine+cond_index"), _build_adaln_modulate),
     OpCase("gated_residual", ("gated_residual", "gated_residual_backward"),
