@@ -51,4 +51,46 @@ DDG_HD acc_t welford_variance(WelfordState<acc_t> s) {
   return s.count > acc_t(0) ? s.m2 / s.count : acc_t(0);
 }
 
+// ---------------------------------------------------------------- shifted sums
+// Sums of d = x - shift and d^2 over a set of elements that share one shift (a value drawn
+// from the same data, e.g. its first element). Cheaper per element than welford_update (no
+// division) and, because |d| is of the order of the spread rather than of |x|, as accurate
+// when the data sit far from zero with a tiny spread; x - shift is exact whenever x and the
+// shift are within a factor of two (Sterbenz). Sets with the same shift add with
+// shifted_sums_add; welford_from_shifted_sums turns a set into a state for welford_merge.
+template <typename acc_t>
+struct ShiftedSums {
+  acc_t sum;     // sum of (x - shift)
+  acc_t sum_sq;  // sum of (x - shift)^2
+};
+
+template <typename acc_t>
+DDG_HD ShiftedSums<acc_t> shifted_sums_empty() {
+  return ShiftedSums<acc_t>{acc_t(0), acc_t(0)};
+}
+
+template <typename acc_t>
+DDG_HD ShiftedSums<acc_t> shifted_sums_update(ShiftedSums<acc_t> s, acc_t x, acc_t shift) {
+  const acc_t d = x - shift;
+  s.sum += d;
+  s.sum_sq += d * d;
+  return s;
+}
+
+template <typename acc_t>
+DDG_HD ShiftedSums<acc_t> shifted_sums_add(ShiftedSums<acc_t> a, ShiftedSums<acc_t> b) {
+  return ShiftedSums<acc_t>{a.sum + b.sum, a.sum_sq + b.sum_sq};
+}
+
+// The state of `count` elements with shifted sums s: mean = shift + sum / count and
+// m2 = sum_sq - sum^2 / count (the cancellation is that of the shift's distance from the mean,
+// a few standard deviations, not of the mean's distance from zero). Clamped at 0 against rounding.
+template <typename acc_t>
+DDG_HD WelfordState<acc_t> welford_from_shifted_sums(acc_t count, acc_t shift, ShiftedSums<acc_t> s) {
+  if (count == acc_t(0)) return welford_empty<acc_t>();
+  const acc_t d_mean = s.sum / count;
+  const acc_t m2 = s.sum_sq - s.sum * d_mean;
+  return WelfordState<acc_t>{count, shift + d_mean, m2 > acc_t(0) ? m2 : acc_t(0)};
+}
+
 }  // namespace ddg
