@@ -4,6 +4,9 @@ Environment:
   DDG_DISABLE_EXT=1  never load the extension: every op runs its pure-PyTorch reference.
   DDG_REQUIRE_EXT=1  a missing, stale or unloadable extension is an ImportError instead of
                      one warning (use it in tests and benchmarks).
+  DDG_CUDA_EMULATOR=1|PATH  load the CUDA emulator library (tests/cuda_emu; built by
+                     ``python -m tests.cuda_emu.build``, default build/cuda_emu/ddg_cuda_emu.so)
+                     instead of ``_C``: ops on CPU tensors run the csrc/cuda kernels on CPU fibers.
 """
 from __future__ import annotations
 
@@ -38,9 +41,26 @@ def _read_build_info() -> dict:
         return {}
 
 
+def _load_cuda_emulator(setting: str) -> ExtensionState:
+    """The CUDA kernels emulated on CPU (docs/cuda_emulator.md), registered for CPU tensors."""
+    path = Path(__file__).resolve().parent.parent / "build" / "cuda_emu" if setting == "1" else Path(setting)
+    if path.is_dir():
+        path = path / "ddg_cuda_emu.so"
+    info = {"backends": ["cuda-emulator"], "torch": torch.__version__, "library": str(path)}
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as exc:
+        return ExtensionState(False, f"CUDA emulator (DDG_CUDA_EMULATOR={setting}) not loadable ({exc}); build it "
+                              "with `python -m tests.cuda_emu.build`", info)
+    return ExtensionState(True, f"CUDA emulator: the csrc/cuda kernels run on CPU tensors ({path})", info,
+                          frozenset({"cpu"}))
+
+
 def _load() -> ExtensionState:
     if _flag("DDG_DISABLE_EXT"):
         return ExtensionState(False, "disabled by DDG_DISABLE_EXT=1")
+    if _flag("DDG_CUDA_EMULATOR"):
+        return _load_cuda_emulator(os.environ["DDG_CUDA_EMULATOR"])
     info = _read_build_info()
     built_for = info.get("torch")
     if built_for and built_for != torch.__version__:

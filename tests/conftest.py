@@ -6,11 +6,14 @@ import torch
 import ddg_ops
 
 HAS_CUDA = torch.cuda.is_available() and "cuda" in ddg_ops.EXTENSION.device_types
+# DDG_CUDA_EMULATOR: ops on CPU tensors run the csrc/cuda kernels on CPU fibers (tests/cuda_emu).
+CUDA_EMULATOR = ddg_ops.EXTENSION.loaded and "cuda-emulator" in ddg_ops.EXTENSION.build_info.get("backends", [])
 
 
 def pytest_report_header(config):
     e = ddg_ops.EXTENSION
-    return (f"ddg_ops extension: {'loaded' if e.loaded else 'NOT loaded'} ({e.reason}); kernels for "
+    mode = "CUDA EMULATOR: CPU tensors run the csrc/cuda kernels; " if CUDA_EMULATOR else ""
+    return (f"{mode}ddg_ops extension: {'loaded' if e.loaded else 'NOT loaded'} ({e.reason}); kernels for "
             f"{sorted(e.device_types)}; build {e.build_info.get('backends')} for torch {e.build_info.get('torch')}; "
             f"DDG_REQUIRE_EXT={os.environ.get('DDG_REQUIRE_EXT', '')}")
 
@@ -21,7 +24,11 @@ def pytest_collection_modifyitems(config, items):
     no_cuda = pytest.mark.skip(reason="needs a CUDA GPU and a CUDA build of ddg_ops._C "
                                       f"(GPU visible: {torch.cuda.is_available()}, "
                                       f"CUDA kernels built: {'cuda' in ddg_ops.EXTENSION.device_types})")
+    cpu_only = pytest.mark.skip(reason="checks the CPU kernels (a CUDA device assert would abort the process); "
+                                       "running the emulated CUDA kernels (DDG_CUDA_EMULATOR)")
     for item in items:
+        if "cpu_kernel_only" in item.keywords and CUDA_EMULATOR:
+            item.add_marker(cpu_only)
         if "requires_ext" in item.keywords and not ddg_ops.HAS_EXT:
             item.add_marker(no_ext)
         if "requires_cuda" in item.keywords and not HAS_CUDA:
