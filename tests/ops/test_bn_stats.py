@@ -10,7 +10,7 @@ pytestmark = pytest.mark.requires_ext
 
 SHAPES = [(1, 3, 1, 1), (2, 5), (3, 6, 11), (2, 7, 5, 9), (5, 3, 13, 17), (2, 64, 56, 56), (1, 4, 200, 200),
           (64, 24, 3, 3)]
-LAYOUTS = ["contiguous", "channels_last", "sliced", "permuted", "offset"]
+LAYOUTS = ["contiguous", "channels_last", "sliced", "permuted", "offset", "offset_channels_last"]
 
 
 def _feature_map(shape, dtype, layout, scale=3.0, offset=1.5):
@@ -21,8 +21,8 @@ def _feature_map(shape, dtype, layout, scale=3.0, offset=1.5):
         return torch.cat([x, x], dim=-1).to(dtype)[..., ::2]
     if layout == "permuted" and len(shape) >= 3:  # dense, channels neither leading-contiguous nor last
         return x.transpose(-1, -2).contiguous().transpose(-1, -2).to(dtype)
-    if layout == "offset":  # the kernels' own layout, but starting one element past a 16-byte boundary
-        return _one_element_in(x.to(dtype), channels_last=len(shape) == 4)
+    if layout.startswith("offset"):  # the kernels' own layouts, starting one element past a 16-byte boundary
+        return _one_element_in(x.to(dtype), channels_last=layout == "offset_channels_last" and len(shape) == 4)
     return x.to(dtype)
 
 
@@ -113,7 +113,7 @@ def test_large_channel_offsets_tiny_spread_against_fp64(seed, shape, channels_la
     torch.testing.assert_close(var.double(), ref_var, atol=0, rtol=2e-4)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "offset"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "offset", "offset_channels_last"])
 def test_same_bits_every_run(layout):
     x = _feature_map((6, 24, 37, 41), torch.float32, layout)
     gm, gv = torch.randn(24), torch.randn(24)
@@ -126,11 +126,13 @@ def test_same_bits_every_run(layout):
 
 
 # Channels-last with more channel packs than a block has threads (several passes per block), with C a
-# multiple of every pack width and C a multiple of none; and wide planes split into several pieces.
+# multiple of every pack width and C a multiple of none; wide planes split into several pieces; and a
+# large map that starts off a 16-byte boundary (scalar head and tail around the packs of every plane).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,layout", [((2, 1040, 3, 3), "channels_last"), ((3, 1030, 2, 3), "channels_last"),
-                                          ((2, 1040, 3, 3), "offset"), ((1, 3, 5, 9000), "contiguous"),
-                                          ((2, 2, 3, 17000), "offset")])
+                                          ((2, 1040, 3, 3), "offset_channels_last"), ((1, 3, 5, 9000), "contiguous"),
+                                          ((2, 2, 3, 17000), "offset"), ((8, 64, 56, 56), "offset"),
+                                          ((8, 64, 56, 56), "offset_channels_last")])
 def test_wide_channel_rows_and_long_planes(dtype, shape, layout):
     x = _feature_map(shape, dtype, layout).requires_grad_()
     mean, var = ddg_ops.bn_stats(x)
