@@ -152,13 +152,18 @@ DDG_HD RescaleShift<acc_t> rescale_shift(acc_t uncond0, acc_t cond0, acc_t scale
 // Shifted sums of the guided prediction and of cond over a run of elements.
 template <typename T>
 struct RescaleSums {
-  T sum_guided, sq_guided, sum_cond, sq_cond;
+  ShiftedSums<T> guided, cond;
 };
 
 template <typename T>
+DDG_HD RescaleSums<T> rescale_sums_empty() {
+  return RescaleSums<T>{shifted_sums_empty<T>(), shifted_sums_empty<T>()};
+}
+
+template <typename T>
 DDG_HD void rescale_sums_add(RescaleSums<T>& s, T uncond, T cond, T scale, T shift_guided, T shift_cond) {
-  shifted_sums_add(cfg_value(uncond, cond, scale) - shift_guided, s.sum_guided, s.sq_guided);
-  shifted_sums_add(cond - shift_cond, s.sum_cond, s.sq_cond);
+  s.guided = shifted_sums_update(s.guided, cfg_value(uncond, cond, scale), shift_guided);
+  s.cond = shifted_sums_update(s.cond, cond, shift_cond);
 }
 
 // Welford states (in the shifted frame) of the guided prediction and of cond.
@@ -175,8 +180,7 @@ DDG_HD RescaleState<acc_t> rescale_state_empty() {
 
 template <typename acc_t>
 DDG_HD RescaleState<acc_t> rescale_state_of(acc_t count, const RescaleSums<acc_t>& s) {
-  return RescaleState<acc_t>{welford_from_shifted_sums(count, s.sum_guided, s.sq_guided),
-                             welford_from_shifted_sums(count, s.sum_cond, s.sq_cond)};
+  return RescaleState<acc_t>{welford_from_shifted_sums(count, s.guided), welford_from_shifted_sums(count, s.cond)};
 }
 
 struct RescaleStateMerge {

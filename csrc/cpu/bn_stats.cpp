@@ -1,5 +1,5 @@
-// CPU loops of the BN-statistics ops. Statistics: every chunk of a channel is summarised
-// exactly in two cache-resident passes (sum, then squared deviations), chunks merge with
+// CPU loops of the BN-statistics ops. Statistics: every chunk of a channel is summarised in
+// cache-resident passes (NC(S): sum, then squared deviations; channels fastest: shifted sums), chunks merge with
 // Chan's formula in a fixed order (deterministic for any thread count). Backward: one
 // elementwise pass. Math from csrc/common/welford.h and csrc/common/bn_stats_math.h.
 #include <torch/library.h>
@@ -48,48 +48,46 @@ void plane_stats(const BnCall& call, acc_t* mean, acc_t* var) {
   });
 }
 
-// Channels-fastest layout: R = N*S rows of C. A chunk is a run of rows; its per-channel
-// sums and squared deviations are accumulated across the channel vector with SIMD.
+// Channels-fastest layout: R = N*S rows of C. A chunk is a run of rows; one pass accumulates every
+// channel's shifted sums (shift: the channel's value in the chunk's first row) across the channel
+// vector with SIMD, so channels far from zero with a tiny spread keep their variance.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void row_stats(const BnCall& call, acc_t* mean, acc_t* var) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
+  using VecSums = ShiftedSums<Vec>;
   const scalar_t* x = call.x.const_data_ptr<scalar_t>();
   const int64_t C = call.channels, R = call.batch * call.inner;
   const int64_t rows_per_chunk = std::max<int64_t>(1, kReduceChunk / C);
   const int64_t chunks = (R + rows_per_chunk - 1) / rows_per_chunk;
-  std::vector<acc_t> means(chunks * C), m2s(chunks * C);
+  std::vector<acc_t> sums(chunks * C), sqs(chunks * C);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> shift(C);
     for (int64_t k = begin; k < end; ++k) {
       const int64_t r0 = k * rows_per_chunk, r1 = std::min(R, r0 + rows_per_chunk);
-      acc_t* m = means.data() + k * C;
-      acc_t* m2 = m2s.data() + k * C;
-      std::fill(m, m + C, acc_t(0));
-      std::fill(m2, m2 + C, acc_t(0));
+      acc_t* s = sums.data() + k * C;
+      acc_t* q = sqs.data() + k * C;
+      std::fill(s, s + C, acc_t(0));
+      std::fill(q, q + C, acc_t(0));
+      for (int64_t c = 0; c < C; ++c) shift[c] = acc_t(x[r0 * C + c]);
+      const acc_t* sh = shift.data();
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = x + r * C;
         int64_t c = 0;
         for (; c + IO::kStep <= C; c += IO::kStep) {
           const auto v = IO::load(row + c);
-          (Vec::loadu(m + c) + v.lo).store(m + c);
-          (Vec::loadu(m + c + Vec::size()) + v.hi).store(m + c + Vec::size());
-        }
-        for (; c < C; ++c) m[c] += acc_t(row[c]);
-      }
-      const acc_t count = acc_t(r1 - r0);
-      for (int64_t c = 0; c < C; ++c) m[c] /= count;
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = x + r * C;
-        int64_t c = 0;
-        for (; c + IO::kStep <= C; c += IO::kStep) {
-          const auto v = IO::load(row + c);
-          const Vec d0 = v.lo - Vec::loadu(m + c), d1 = v.hi - Vec::loadu(m + c + Vec::size());
-          (Vec::loadu(m2 + c) + d0 * d0).store(m2 + c);
-          (Vec::loadu(m2 + c + Vec::size()) + d1 * d1).store(m2 + c + Vec::size());
+          const int64_t h = c + Vec::size();
+          const VecSums lo = shifted_sums_update(VecSums{Vec::loadu(s + c), Vec::loadu(q + c)}, v.lo, Vec::loadu(sh + c));
+          const VecSums hi = shifted_sums_update(VecSums{Vec::loadu(s + h), Vec::loadu(q + h)}, v.hi, Vec::loadu(sh + h));
+          lo.sum.store(s + c);
+          lo.sum_sq.store(q + c);
+          hi.sum.store(s + h);
+          hi.sum_sq.store(q + h);
         }
         for (; c < C; ++c) {
-          const acc_t d = acc_t(row[c]) - m[c];
-          m2[c] += d * d;
+          const ShiftedSums<acc_t> one = shifted_sums_update(ShiftedSums<acc_t>{s[c], q[c]}, acc_t(row[c]), sh[c]);
+          s[c] = one.sum;
+          q[c] = one.sum_sq;
         }
       }
     }
@@ -98,8 +96,9 @@ void row_stats(const BnCall& call, acc_t* mean, acc_t* var) {
     for (int64_t c = begin; c < end; ++c) {
       WelfordState<acc_t> st = welford_empty<acc_t>();
       for (int64_t k = 0; k < chunks; ++k) {
-        const int64_t rows = std::min(R, (k + 1) * rows_per_chunk) - k * rows_per_chunk;
-        st = welford_merge(st, WelfordState<acc_t>{acc_t(rows), means[k * C + c], m2s[k * C + c]});
+        const int64_t r0 = k * rows_per_chunk, rows = std::min(R, r0 + rows_per_chunk) - r0;
+        const ShiftedSums<acc_t> chunk{sums[k * C + c], sqs[k * C + c]};
+        st = welford_merge(st, welford_from_shifted_sums(acc_t(rows), acc_t(x[r0 * C + c]), chunk));
       }
       mean[c] = st.mean;
       var[c] = welford_variance(st);

@@ -26,12 +26,12 @@ std::vector<RescaleState<acc_t>> rescale_states(const CfgParams<acc_t>& p, const
     const acc_t s = sample_scale(p, b);
     const int64_t first = b * p.per_sample;
     const RescaleShift<acc_t> k = rescale_shift<acc_t>(u[first], c[first], s);
-    const Vec vs(s), vkg(k.guided), vkc(k.cond), zero(acc_t(0));
+    const Vec vs(s), vkg(k.guided), vkc(k.cond);
     RescaleState<acc_t> st = rescale_state_empty<acc_t>();
     for (int64_t run = lo; run < hi; run += kRescaleRun) {
       const int64_t end = std::min(run + kRescaleRun, hi);
-      RescaleSums<Vec> v0{zero, zero, zero, zero}, v1{zero, zero, zero, zero};  // two chains for ILP
-      RescaleSums<acc_t> t{0, 0, 0, 0};
+      RescaleSums<Vec> v0 = rescale_sums_empty<Vec>(), v1 = rescale_sums_empty<Vec>();  // two chains for ILP
+      RescaleSums<acc_t> t = rescale_sums_empty<acc_t>();
       int64_t i = run;
       for (; i + IO::kStep <= end; i += IO::kStep) {
         const auto uu = IO::load(u + i), cc = IO::load(c + i);
@@ -39,10 +39,9 @@ std::vector<RescaleState<acc_t>> rescale_states(const CfgParams<acc_t>& p, const
         rescale_sums_add(v1, uu.hi, cc.hi, vs, vkg, vkc);
       }
       for (; i < end; ++i) rescale_sums_add<acc_t>(t, u[i], c[i], s, k.guided, k.cond);
-      const RescaleSums<acc_t> sums{lane_sum(v0.sum_guided + v1.sum_guided) + t.sum_guided,
-                                    lane_sum(v0.sq_guided + v1.sq_guided) + t.sq_guided,
-                                    lane_sum(v0.sum_cond + v1.sum_cond) + t.sum_cond,
-                                    lane_sum(v0.sq_cond + v1.sq_cond) + t.sq_cond};
+      const RescaleSums<acc_t> sums{
+          {lane_sum(v0.guided.sum + v1.guided.sum) + t.guided.sum, lane_sum(v0.guided.sum_sq + v1.guided.sum_sq) + t.guided.sum_sq},
+          {lane_sum(v0.cond.sum + v1.cond.sum) + t.cond.sum, lane_sum(v0.cond.sum_sq + v1.cond.sum_sq) + t.cond.sum_sq}};
       st = RescaleStateMerge()(st, rescale_state_of(acc_t(end - run), sums));
     }
     return st;

@@ -93,7 +93,7 @@ __global__ void rescale_partials_kernel(CfgParams<acc_t> p, SampleChunks chunks,
   const ChunkOfBlock r = chunk_of_block(p.per_sample, chunks);
   const acc_t s = sample_scale(p, r.sample);
   const RescaleShift<acc_t> k = sample_rescale_shift(p, u, c, r.sample);
-  RescaleSums<acc_t> sums{acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  RescaleSums<acc_t> sums = rescale_sums_empty<acc_t>();
   int count = 0;  // at most chunks.length / blockDim.x + VEC per thread
   for_each_in_chunk<VEC>(
       r,
