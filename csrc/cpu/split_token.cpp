@@ -4,14 +4,13 @@
 // and the blocks merged in order, so results do not depend on the thread count. The target
 // and loss passes are per element on [M, C] (C = 64: small), scalar. Math from
 // csrc/common/split_token_math.h.
-#include <torch/library.h>
-
 #include <cmath>
 #include <vector>
 
 #include "../common/split_token_math.h"
 #include "../host/register_split_token.h"
 #include "cpu_loops.h"
+#include "kernels.h"
 
 namespace ddg::cpu {
 namespace {
@@ -397,6 +396,8 @@ void loss_backward_typed(const LossCall& c, const at::Tensor& grad_loss, at::Ten
 DDG_SPLIT_TOKEN_LOOPS(CpuSplitTokenLoops);
 
 }  // namespace
+
+const SplitTokenKernels& split_token_kernels() { return ddg::split_token_kernels<CpuSplitTokenLoops>(); }
+
 }  // namespace ddg::cpu
 
-TORCH_LIBRARY_IMPL(ddg, CPU, m) { ddg::register_split_token_ops<ddg::cpu::CpuSplitTokenLoops>(m); }
