@@ -11,6 +11,7 @@ this machine supports), DEBUG=1 (-O0 -g), MAX_JOBS (parallel compile jobs).
 Only the CPU kernel files (csrc/cpu/*.cpp) get the SIMD flags; docs/build.md says why.
 """
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -18,8 +19,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import importlib.util
 
 import torch
 from setuptools import setup
