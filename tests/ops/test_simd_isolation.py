@@ -215,13 +215,13 @@ def test_avx512_code_only_in_cpu_kernels():
         pytest.skip(reason)
     path = _so_path()
     bad, host = avx512_in_host_code(path)
-    # The traversal must reach the registrations' op wrappers and through them the host checks,
-    # or the rule checks nothing.
-    assert any(name.startswith("ddg::cfg_combine_op(") for name in host), "host traversal missed the op functions"
-    assert any(name.startswith("ddg::check_cpu_runs_kernels(") for name in host), "host traversal missed the CPU guard"
     listing = "\n".join(f"  {name[:300]}\n      first: {insn}" for name, insn in bad[:25])
     assert not bad, (f"{len(bad)} host functions (run at import or by the op wrappers) contain AVX-512 "
                      f"instructions, which a CPU without AVX-512 cannot execute:\n{listing}")
+    # The traversal must reach the registrations' op wrappers and through them the host checks,
+    # or the rule above checks nothing.
+    assert any(name.startswith("ddg::cfg_combine_op(") for name in host), "host traversal missed the op functions"
+    assert any(name.startswith("ddg::check_cpu_runs_kernels(") for name in host), "host traversal missed the CPU guard"
 
 
 def test_kernels_hold_avx512_code():
