@@ -4,12 +4,23 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "host/cpu_features.h"
+
 extern "C" {
 // Importing ddg_ops._C loads this library and runs the static registrations below; the
-// module itself is empty (no pybind11, so nothing here is opaque to torch.compile).
+// module holds no functions (no pybind11, so nothing here is opaque to torch.compile), only
+// what ddg_ops/_ext.py checks at import: the CPU features the CPU kernels were compiled for
+// and whether this CPU has them.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  if (PyModule_AddStringConstant(module, "CPU_KERNEL_FEATURES", ddg::cpu_kernel_features()) < 0 ||
+      PyModule_AddIntConstant(module, "CPU_RUNS_KERNELS", ddg::cpu_runs_kernels() ? 1 : 0) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

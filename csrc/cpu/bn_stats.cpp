@@ -2,14 +2,13 @@
 // cache-resident passes (NC(S): sum, then squared deviations; channels fastest: shifted sums), chunks merge with
 // Chan's formula in a fixed order (deterministic for any thread count). Backward: one
 // elementwise pass. Math from csrc/common/welford.h and csrc/common/bn_stats_math.h.
-#include <torch/library.h>
-
 #include <vector>
 
 #include "../common/bn_stats_math.h"
 #include "../common/welford.h"
 #include "../host/register_bn_stats.h"
 #include "cpu_loops.h"
+#include "kernels.h"
 
 namespace ddg::cpu {
 namespace {
@@ -169,6 +168,7 @@ void bn_backward_typed(const BnCall& call, const at::Tensor& grad_mean, const at
 
 DDG_BN_STATS_LOOPS(CpuBnLoops);
 
+const BnStatsKernels& bn_stats_kernels() { return ddg::bn_stats_kernels<CpuBnLoops>(); }
+
 }  // namespace ddg::cpu
 
-TORCH_LIBRARY_IMPL(ddg, CPU, m) { ddg::register_bn_stats_ops<ddg::cpu::CpuBnLoops>(m); }

@@ -1,12 +1,11 @@
 // CPU loops of the guidance ops: at::parallel_for over samples/chunks, at::vec SIMD in
 // the accumulation type with a scalar tail. All arithmetic comes from
 // csrc/common/guidance_math.h and csrc/common/welford.h.
-#include <torch/library.h>
-
 #include "../common/guidance_math.h"
 #include "../common/welford.h"
 #include "../host/register_guidance.h"
 #include "cpu_loops.h"
+#include "kernels.h"
 
 namespace ddg::cpu {
 namespace {
@@ -285,6 +284,7 @@ void dmd_backward_typed(const at::Tensor& grad_loss, const at::Tensor& grad, at:
 
 DDG_GUIDANCE_LOOPS(CpuLoops);
 
+const GuidanceKernels& guidance_kernels() { return ddg::guidance_kernels<CpuLoops>(); }
+
 }  // namespace ddg::cpu
 
-TORCH_LIBRARY_IMPL(ddg, CPU, m) { ddg::register_guidance_ops<ddg::cpu::CpuLoops>(m); }

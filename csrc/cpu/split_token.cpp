@@ -4,8 +4,6 @@
 // and the blocks merged in order, so results do not depend on the thread count. The target
 // and loss passes are per element on [M, C] (C = 64: small), scalar. Math from
 // csrc/common/split_token_math.h.
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -13,6 +11,7 @@
 #include "../common/split_token_math.h"
 #include "../host/register_split_token.h"
 #include "cpu_loops.h"
+#include "kernels.h"
 
 namespace ddg::cpu {
 namespace {
@@ -443,6 +442,8 @@ void cond_rows_sum_typed(const CondSumCall& c, at::Tensor& out_t) {
 DDG_SPLIT_TOKEN_LOOPS(CpuSplitTokenLoops);
 
 }  // namespace
+
+const SplitTokenKernels& split_token_kernels() { return ddg::split_token_kernels<CpuSplitTokenLoops>(); }
+
 }  // namespace ddg::cpu
 
-TORCH_LIBRARY_IMPL(ddg, CPU, m) { ddg::register_split_token_ops<ddg::cpu::CpuSplitTokenLoops>(m); }

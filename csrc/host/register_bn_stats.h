@@ -36,13 +36,20 @@ const BnStatsKernels& bn_stats_kernels() {
     static void backward(Args&&... a) { bn_backward_typed<scalar_t>(std::forward<Args>(a)...); }     \
   }
 
-template <class Loops>
-void register_bn_stats_ops(torch::Library& m) {
-  m.impl("bn_stats", [](const at::Tensor& x) { return bn_stats_op(bn_stats_kernels<Loops>(), x); });
+// Registers the ops of one backend whose kernel table Kernels() returns (it may check first
+// that the backend can run here, as the CPU registration does).
+template <const BnStatsKernels& (*Kernels)()>
+void register_bn_stats_kernels(torch::Library& m) {
+  m.impl("bn_stats", [](const at::Tensor& x) { return bn_stats_op(Kernels(), x); });
   m.impl("bn_stats_backward", [](const at::Tensor& grad_mean, const at::Tensor& grad_var, const at::Tensor& x,
                                  const at::Tensor& mean) {
-    return bn_stats_backward_op(bn_stats_kernels<Loops>(), grad_mean, grad_var, x, mean);
+    return bn_stats_backward_op(Kernels(), grad_mean, grad_var, x, mean);
   });
+}
+
+template <class Loops>
+void register_bn_stats_ops(torch::Library& m) {
+  register_bn_stats_kernels<&bn_stats_kernels<Loops>>(m);
 }
 
 }  // namespace ddg

@@ -1,5 +1,6 @@
-// Registers the guidance ops of one backend (CPU or CUDA) with that backend's loops.
-// Included by csrc/cpu/guidance.cpp and csrc/cuda/guidance.cu inside TORCH_LIBRARY_IMPL.
+// The guidance ops' kernel table of one backend (CPU or CUDA) built from its typed loops, and
+// their registration: csrc/cuda/guidance.cu registers its table in its TORCH_LIBRARY_IMPL; the
+// CPU table is built in csrc/cpu/guidance.cpp and registered by csrc/host/register_cpu.cpp.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -54,44 +55,51 @@ const GuidanceKernels& guidance_kernels() {
     static void dmd_backward(Args&&... a) { dmd_backward_typed<scalar_t>(std::forward<Args>(a)...); }  \
   }
 
-template <class Loops>
-void register_guidance_ops(torch::Library& m) {
+// Registers the ops of one backend whose kernel table Kernels() returns (it may check first
+// that the backend can run here, as the CPU registration does).
+template <const GuidanceKernels& (*Kernels)()>
+void register_guidance_kernels(torch::Library& m) {
   using at::Tensor;
   using OptTensor = std::optional<Tensor>;
   m.impl("cfg_combine", [](const Tensor& uncond, const Tensor& cond, double scale,
                            const OptTensor& scale_ps, double rescale) {
-    return cfg_combine_op(guidance_kernels<Loops>(), uncond, cond, scale, scale_ps, rescale);
+    return cfg_combine_op(Kernels(), uncond, cond, scale, scale_ps, rescale);
   });
   m.impl("cfg_combine_backward",
          [](const Tensor& grad_out, const Tensor& uncond, const Tensor& cond, double scale,
             const OptTensor& scale_ps, double rescale, const Tensor& stats) {
-           return cfg_combine_backward_op(guidance_kernels<Loops>(), grad_out, uncond, cond, scale, scale_ps, rescale,
+           return cfg_combine_backward_op(Kernels(), grad_out, uncond, cond, scale, scale_ps, rescale,
                                           stats);
          });
   m.impl("cfg_step", [](const Tensor& sample, const Tensor& uncond, const Tensor& cond,
                         double scale, const OptTensor& scale_ps, double rescale,
                         c10::string_view update, double coef_t, double coef_next,
                         const OptTensor& coef_ps) {
-    return cfg_step_op(guidance_kernels<Loops>(), sample, uncond, cond, scale, scale_ps, rescale, update, coef_t,
+    return cfg_step_op(Kernels(), sample, uncond, cond, scale, scale_ps, rescale, update, coef_t,
                        coef_next, coef_ps);
   });
   m.impl("cfg_step_backward",
          [](const Tensor& grad_out, const Tensor& uncond, const Tensor& cond, double scale,
             const OptTensor& scale_ps, double rescale, c10::string_view update, double coef_t,
             double coef_next, const OptTensor& coef_ps, const Tensor& stats) {
-           return cfg_step_backward_op(guidance_kernels<Loops>(), grad_out, uncond, cond, scale, scale_ps, rescale,
+           return cfg_step_backward_op(Kernels(), grad_out, uncond, cond, scale, scale_ps, rescale,
                                        update, coef_t, coef_next, coef_ps, stats);
          });
   m.impl("dmd_grad", [](const Tensor& x, const Tensor& uncond, const Tensor& cond,
                         const Tensor& fake, double scale, const OptTensor& scale_ps,
                         c10::string_view prediction, const OptTensor& x_t,
                         const OptTensor& alpha_bar) {
-    return dmd_grad_op(guidance_kernels<Loops>(), x, uncond, cond, fake, scale, scale_ps, prediction, x_t, alpha_bar);
+    return dmd_grad_op(Kernels(), x, uncond, cond, fake, scale, scale_ps, prediction, x_t, alpha_bar);
   });
   m.impl("dmd_grad_backward",
          [](const Tensor& grad_loss, const Tensor& grad, at::ScalarType dtype) {
-           return dmd_grad_backward_op(guidance_kernels<Loops>(), grad_loss, grad, dtype);
+           return dmd_grad_backward_op(Kernels(), grad_loss, grad, dtype);
          });
+}
+
+template <class Loops>
+void register_guidance_ops(torch::Library& m) {
+  register_guidance_kernels<&guidance_kernels<Loops>>(m);
 }
 
 }  // namespace ddg

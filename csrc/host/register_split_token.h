@@ -70,49 +70,56 @@ const SplitTokenKernels& split_token_kernels() {
     DDG_SPLIT_TOKEN_LOOP(cond_rows_sum)                                                     \
   }
 
-template <class Loops>
-void register_split_token_ops(torch::Library& m) {
+// Registers the ops of one backend whose kernel table Kernels() returns (it may check first
+// that the backend can run here, as the CPU registration does).
+template <const SplitTokenKernels& (*Kernels)()>
+void register_split_token_kernels(torch::Library& m) {
   m.impl("split_token_prepare", [](const at::Tensor& features, const std::optional<at::Tensor>& prototypes,
                                      double contraction, const std::optional<at::Tensor>& permutation, double mix,
                                      const at::Tensor& timesteps, const at::Tensor& noise, const at::Tensor& sab,
                                      const at::Tensor& s1ab, int64_t token_size) {
-    return split_token_prepare_op(split_token_kernels<Loops>(), features, prototypes, contraction, permutation, mix, timesteps, noise, sab, s1ab,
+    return split_token_prepare_op(Kernels(), features, prototypes, contraction, permutation, mix, timesteps, noise, sab, s1ab,
                                   token_size);
   });
   m.impl("adaln_modulate", [](const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& shift,
                                 const at::Tensor& scale, const std::optional<at::Tensor>& cond_index, double eps) {
-    return adaln_modulate_op(split_token_kernels<Loops>(), x, weight, bias, shift, scale, cond_index, eps);
+    return adaln_modulate_op(Kernels(), x, weight, bias, shift, scale, cond_index, eps);
   });
   m.impl("adaln_modulate_backward",
          [](const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
               const std::optional<at::Tensor>& bias, const at::Tensor& scale,
               const std::optional<at::Tensor>& cond_index, const at::Tensor& mean, const at::Tensor& rstd) {
-           return adaln_modulate_backward_op(split_token_kernels<Loops>(), grad_out, x, weight, bias, scale, cond_index, mean, rstd);
+           return adaln_modulate_backward_op(Kernels(), grad_out, x, weight, bias, scale, cond_index, mean, rstd);
          });
   m.impl("gated_residual", [](const at::Tensor& x, const at::Tensor& gate, const at::Tensor& h,
                                 const std::optional<at::Tensor>& cond_index) {
-    return gated_residual_op(split_token_kernels<Loops>(), x, gate, h, cond_index);
+    return gated_residual_op(Kernels(), x, gate, h, cond_index);
   });
   m.impl("gated_residual_backward", [](const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& h,
                                          const std::optional<at::Tensor>& cond_index) {
-    return gated_residual_backward_op(split_token_kernels<Loops>(), grad_out, gate, h, cond_index);
+    return gated_residual_backward_op(Kernels(), grad_out, gate, h, cond_index);
   });
   m.impl("diffusion_loss", [](const at::Tensor& model_output, const at::Tensor& noise, const at::Tensor& timesteps,
                                 const std::optional<at::Tensor>& x0, const at::Tensor& loss_coefs,
                                 bool learned_variance) {
-    return diffusion_loss_op(split_token_kernels<Loops>(), model_output, noise, timesteps, x0, loss_coefs, learned_variance);
+    return diffusion_loss_op(Kernels(), model_output, noise, timesteps, x0, loss_coefs, learned_variance);
   });
   m.impl("diffusion_loss_backward",
          [](const at::Tensor& grad_loss, const at::Tensor& model_output, const at::Tensor& noise,
               const at::Tensor& timesteps, const std::optional<at::Tensor>& x0, const at::Tensor& loss_coefs,
               bool learned_variance) {
-           return diffusion_loss_backward_op(split_token_kernels<Loops>(), grad_loss, model_output, noise, timesteps, x0, loss_coefs,
+           return diffusion_loss_backward_op(Kernels(), grad_loss, model_output, noise, timesteps, x0, loss_coefs,
                                              learned_variance);
          });
   m.impl("cond_rows_sum", [](const at::Tensor& rows, const at::Tensor& cond_index, int64_t cond_rows) {
-    return cond_rows_sum_op(split_token_kernels<Loops>(), rows, cond_index, cond_rows);
+    return cond_rows_sum_op(Kernels(), rows, cond_index, cond_rows);
   });
+}
+
+template <class Loops>
+void register_split_token_ops(torch::Library& m) {
+  register_split_token_kernels<&split_token_kernels<Loops>>(m);
 }
 
 }  // namespace ddg
