@@ -66,7 +66,7 @@ def _cuda_kernel_device():
 KERNEL_DEVICE = _cuda_kernel_device()
 EMULATED = KERNEL_DEVICE == "cpu"
 # Largest case per test the emulator runs in every dtype; larger ones run in fp32 only (CI time).
-EMULATOR_FULL_DTYPE_NUMEL = 1 << 20
+EMULATOR_FULL_DTYPE_NUMEL = 1 << 18
 
 
 def emulator_size_limit(dtype: torch.dtype, numel: int) -> None:
