@@ -35,22 +35,6 @@ def test_cfg_combine_property(shape, dtype, scale, rescale, seed, spread, offset
         assert torch.equal(out, u)  # u + 0 * (c - u) is exactly u
 
 
-# Per-sample statistics of values far from zero with a small spread (|mean| / std up to 1e5, the
-# smallest spread test_cfg_combine_property allows): where a one-pass or badly shifted variance
-# loses its digits.
-@settings(max_examples=200, deadline=None)
-@given(shape=shapes, dtype=st.sampled_from([torch.float32, torch.float64]), scale=scales,
-       rescale=st.floats(0.05, 1.0), seed=st.integers(0, 2**31 - 1),
-       spread=st.floats(-3.0, -1.0).map(lambda e: 10.0 ** e), offset=st.floats(-100.0, 100.0))
-def test_cfg_rescale_far_from_zero_property(shape, dtype, scale, rescale, seed, spread, offset):
-    u, c = _tensors(shape, dtype, seed, 2, spread, offset)
-    out = ddg_ops.cfg_combine(u, c, scale, rescale)
-    # The reference in the same dtype: the guided values themselves are rounded to it, which at
-    # |mean| / std ~ 1e5 moves their std by more than the tolerance.
-    expected = reference.cfg_combine(u, c, scale, rescale)
-    assert_close(out, expected, dtype, scale=magnitude(expected) * 10)
-
-
 @settings(max_examples=150, deadline=None)
 @given(shape=shapes, dtype=dtypes, scale=scales, seed=st.integers(0, 2**31 - 1),
        update=st.sampled_from(["ddim_epsilon", "ddim_v_prediction", "euler"]),
