@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ddg_ops
+from tests._utils import KERNEL_DEVICE
 
 HAS_CUDA = torch.cuda.is_available() and "cuda" in ddg_ops.EXTENSION.device_types
 # DDG_CUDA_EMULATOR: ops on CPU tensors run the csrc/cuda kernels on CPU fibers (tests/cuda_emu).
@@ -26,9 +27,17 @@ def pytest_collection_modifyitems(config, items):
                                       f"CUDA kernels built: {'cuda' in ddg_ops.EXTENSION.device_types})")
     cpu_only = pytest.mark.skip(reason="checks the CPU kernels (a CUDA device assert would abort the process); "
                                        "running the emulated CUDA kernels (DDG_CUDA_EMULATOR)")
+    no_kernels = pytest.mark.skip(reason="needs the CUDA kernels: a GPU with the CUDA build, or the CUDA emulator "
+                                         "(python -m tests.cuda_emu.build; DDG_CUDA_EMULATOR=1)")
+    no_emulator = pytest.mark.skip(reason="tests the CUDA emulator: build it (python -m tests.cuda_emu.build) and run "
+                                          "with DDG_CUDA_EMULATOR=1")
     for item in items:
         if "cpu_kernel_only" in item.keywords and CUDA_EMULATOR:
             item.add_marker(cpu_only)
+        if "cuda_kernels" in item.keywords and KERNEL_DEVICE is None:
+            item.add_marker(no_kernels)
+        if "cuda_emulator" in item.keywords and not CUDA_EMULATOR:
+            item.add_marker(no_emulator)
         if "requires_ext" in item.keywords and not ddg_ops.HAS_EXT:
             item.add_marker(no_ext)
         if "requires_cuda" in item.keywords and not HAS_CUDA:

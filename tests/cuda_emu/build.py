@@ -2,8 +2,9 @@
 
     python -m tests.cuda_emu.build [--out DIR] [--quiet]
 
-Compiles csrc/ddg_ops.cpp (the op schemas), csrc/host/*.cpp (checks and allocation) and the
-transformed csrc/cuda/* (kernels registered for CPU tensors) with the emulator runtime into
+Compiles csrc/ddg_ops.cpp (the op schemas), csrc/host/*.cpp (checks and allocation), the
+transformed csrc/cuda/* (kernels registered for CPU tensors) and the emulator's self-test kernels
+(tests/cuda_emu/selftest_kernels.cu, ops cuda_emu_selftest::*) with the emulator runtime into
 DIR/ddg_cuda_emu.so (default build/cuda_emu). csrc/cpu is not compiled: every ddg op on a CPU
 tensor then runs the CUDA kernel. Load it with DDG_CUDA_EMULATOR=1 (see ddg_ops/_ext.py).
 
@@ -70,7 +71,14 @@ def build_library(name: str, sources: list[Path], out: Path, extra_include: list
 
 
 def build(out: Path = DEFAULT_OUT, verbose: bool = True) -> Path:
+    from .transform import transform_file
+
     units = transform_tree(out)
+    # The self-test kernels (planted faults) next to the transformed csrc/cuda, so that their
+    # "common.cuh" is the transformed one; they register torch.ops.cuda_emu_selftest only.
+    selftest = out / "src" / "cuda" / "emu_selftest.cu.cpp"
+    transform_file(EMU / "selftest_kernels.cu", selftest, EMU / "cuda_emu.h")
+    units.append(selftest)
     sources = [ROOT / "csrc" / "ddg_ops.cpp", *sorted((ROOT / "csrc" / "host").glob("*.cpp")), *units]
     # csrc/cuda on the include path: the transformed files include "../common/..." and
     # "../host/..." relative to their original place.

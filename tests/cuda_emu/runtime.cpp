@@ -11,7 +11,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
-#include <map>
 #include <mutex>
 #include <random>
 #include <sstream>
@@ -228,7 +227,8 @@ std::string ranges(const std::vector<int>& ids) {
 }
 
 std::string deadlock_report(Emulator& e) {
-  std::map<std::string, std::vector<int>> groups;
+  // Groups of threads in the same place, in the order of their first thread.
+  std::vector<std::pair<std::string, std::vector<int>>> groups;
   for (int i = 0; i < e.threads; ++i) {
     const Fiber& f = e.fibers[i];
     std::ostringstream where;
@@ -239,7 +239,9 @@ std::string deadlock_report(Emulator& e) {
             << f.line << ")";
       if (f.state == State::kWaitWarp) where << " [warp " << i / 32 << "]";
     }
-    groups[where.str()].push_back(i);
+    auto g = std::find_if(groups.begin(), groups.end(), [&](const auto& p) { return p.first == where.str(); });
+    if (g == groups.end()) g = groups.insert(groups.end(), {where.str(), {}});
+    g->second.push_back(i);
   }
   std::ostringstream s;
   s << "cuda_emu: deadlock in kernel " << e.kernel << ", " << block_name()

@@ -1,7 +1,7 @@
 """Hypothesis property tests of the guidance ops over shapes and values."""
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import ddg_ops
@@ -23,6 +23,9 @@ def _tensors(shape, dtype, seed, n, spread=1.0, offset=0.0):
 @settings(max_examples=150, deadline=None)
 @given(shape=shapes, dtype=dtypes, scale=scales, rescale=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1),
        spread=st.floats(1e-3, 1e3), offset=st.floats(-100.0, 100.0))
+# Found by this test on the emulated CUDA kernel: per-sample rescale statistics of values far from
+# zero with a tiny spread (1.6e-4 relative error where the CPU kernel is exact).
+@example(shape=(1, 1, 3), dtype=torch.float32, scale=0.0, rescale=1.0, seed=0, spread=1e-3, offset=9.0)
 def test_cfg_combine_property(shape, dtype, scale, rescale, seed, spread, offset):
     u, c = _tensors(shape, dtype, seed, 2, spread, offset)
     out = ddg_ops.cfg_combine(u, c, scale, rescale)

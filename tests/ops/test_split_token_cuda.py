@@ -1,5 +1,5 @@
-"""CUDA kernels of the split-token ops against the reference on the CPU in fp64 (run where a GPU
-is present): odd and realistic sizes (W = 4096, M = 20480 rows), cond_index, strided operands
+"""CUDA kernels of the split-token ops against the reference on the CPU in fp64 (on a GPU, or on CPU
+tensors under the CUDA emulator, DDG_CUDA_EMULATOR): odd and realistic sizes (W = 4096, M = 20480 rows), cond_index, strided operands
 (column slices of the adaLN projection at unaligned offsets), every dtype including bf16."""
 import pytest
 import torch
@@ -7,11 +7,11 @@ import torch.nn.functional as F
 
 import ddg_ops
 from ddg_ops import GaussianDiffusionSchedule, reference
-from tests._utils import DTYPES, assert_close, magnitude
+from tests._utils import DTYPES, KERNEL_DEVICE, assert_close, emulator_size_limit, magnitude
 
-pytestmark = [pytest.mark.requires_ext, pytest.mark.requires_cuda]
+pytestmark = [pytest.mark.requires_ext, pytest.mark.cuda_kernels]
 
-DEVICE = "cuda"
+DEVICE = KERNEL_DEVICE or "cuda"
 T = 1000
 SCHEDULE = GaussianDiffusionSchedule.named("cosine", T)
 
@@ -63,7 +63,7 @@ def _check(fn, ref_fn, inputs, differentiable, msg="", grad_scales=None):
     got, ref = fn(**got_in), ref_fn(**ref_in)
     got, ref = (list(o) if isinstance(o, (tuple, list)) else [o] for o in (got, ref))
     for i, (g, r) in enumerate(zip(got, ref)):
-        assert g.device.type == "cuda" and g.shape == r.shape, f"{msg} output {i}"
+        assert g.device.type == DEVICE and g.shape == r.shape, f"{msg} output {i}"
         assert_close(g.cpu(), r, g.dtype, scale=magnitude(r), msg=f"{msg} output {i}")
     names = [n for n in differentiable if got_in.get(n) is not None]
     pairs = [(g, r) for g, r in zip(got, ref) if r.requires_grad and r.numel()]
@@ -104,6 +104,7 @@ def _adaln_x_grad_scale(ref_in, grad_outs, eps=1e-6):
 @pytest.mark.parametrize("M,W", ROWS_WIDTHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_adaln_modulate_cuda(dtype, M, W, affine, cond):
+    emulator_size_limit(dtype, M * W)
     ci, U = _cond_index(M) if cond else (None, M)
     shift, scale, _ = _projection(U, W, dtype)
     weight = _on(torch.randn(W) * 0.5 + 1, dtype) if affine != "none" else None
@@ -121,6 +122,7 @@ def test_adaln_modulate_cuda(dtype, M, W, affine, cond):
 @pytest.mark.parametrize("M,W", ROWS_WIDTHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gated_residual_cuda(dtype, M, W, cond):
+    emulator_size_limit(dtype, M * W)
     ci, U = _cond_index(M) if cond else (None, M)
     _, _, gate = _projection(U, W, dtype)
     inputs = dict(x=_rows(M, W, dtype), gate=gate, h=_rows(M, W, dtype, "sliced", offset=0.0), cond_index=ci)
@@ -141,6 +143,7 @@ def _timesteps(M):
 @pytest.mark.parametrize("M,C", [(1, 64), (33, 7), (30, 64), (20480, 64)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_diffusion_loss_cuda(dtype, M, C, learned, reduction):
+    emulator_size_limit(dtype, M * C * (2 if learned else 1))
     noise = torch.randn(M, C)
     parts = [noise + 0.5 * torch.randn(M, C)] + ([torch.randn(M, C) * 0.7] if learned else [])
     M0 = M // 10 if M % 10 == 0 else M
@@ -166,6 +169,7 @@ def test_diffusion_loss_cuda(dtype, M, C, learned, reduction):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_split_token_prepare_cuda(dtype, B, N, C, R, mixup):
     M = B * N * R
+    emulator_size_limit(dtype, (B * N + M) * C)
     sab, s1m = SCHEDULE.noising_tables(DEVICE)
     inputs = dict(features=_rows(B, N * C, dtype, "transposed", 0.2, 1.0), timesteps=_on(_timesteps(M)),
                   noise=_rows(M, C, dtype, "sliced", 0.0, 1.0), sqrt_alpha_bar=sab, sqrt_one_minus_alpha_bar=s1m,
@@ -181,6 +185,7 @@ def test_split_token_prepare_cuda(dtype, B, N, C, R, mixup):
     assert x_t.shape == (M, C) and tokens.shape == (B * N, C) and x_t.dtype == dtype
 
 
+@pytest.mark.requires_cuda
 def test_cuda_matches_cpu_kernels():
     """The same fp32 inputs through the CPU and the CUDA kernels (no reference in between)."""
     M, W, C = 96, 1024, 64
@@ -261,6 +266,7 @@ def test_opcheck_cuda():
                            0.3, _on(torch.arange(12) * 83 % 1000), _on(torch.randn(12, C)), sab, s1m, C))
 
 
+@pytest.mark.requires_cuda
 def test_compile_reduce_overhead_with_linear_upstream():
     """CUDA graphs replay on the current stream: launches must not use the default stream."""
     torch._dynamo.reset()
