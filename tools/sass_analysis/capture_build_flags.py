@@ -20,6 +20,10 @@ def main():
     out, build_dir = sys.argv[1], sys.argv[2]
 
     def record(**kwargs):
+        # A setup.py may compile some C++ sources in a call of their own first (ddg's compiles the
+        # SIMD kernel files apart from the rest): only the call that carries the .cu files counts.
+        if not any(str(s).endswith(".cu") for s in kwargs["sources"]):
+            return
         # The flag lists arrive shell-quoted for the ninja file; unquote them to argv form.
         def argv(flags):
             return shlex.split(" ".join(flags or []))
