@@ -35,7 +35,7 @@ def _cpu_has_fma() -> bool:
 
 def compile_flags() -> list[str]:
     flags = ["-O2", "-g0", "-ffp-contract=fast", "-fsanitize=alignment", "-fno-sanitize-recover=alignment",
-             "-fno-omit-frame-pointer", "-Wno-unused-function"]
+             "-fno-omit-frame-pointer", "-Wno-unused-function", "-DDDG_CPU_KERNELS_DEFAULT"]
     if _cpu_has_fma():
         flags.append("-mfma")
     return flags
@@ -79,7 +79,11 @@ def build(out: Path = DEFAULT_OUT, verbose: bool = True) -> Path:
     selftest = out / "src" / "cuda" / "emu_selftest.cu.cpp"
     transform_file(EMU / "selftest_kernels.cu", selftest, EMU / "cuda_emu.h")
     units.append(selftest)
-    sources = [ROOT / "csrc" / "ddg_ops.cpp", *sorted((ROOT / "csrc" / "host").glob("*.cpp")), *units]
+    # register_cpu.cpp registers the CPU kernels (csrc/cpu), which this library replaces by the
+    # emulated CUDA kernels; with no CPU kernels inside, cpu_features.cpp is built for the
+    # SIMD-free level (DDG_CPU_KERNELS_DEFAULT in compile_flags).
+    host = [p for p in sorted((ROOT / "csrc" / "host").glob("*.cpp")) if p.name != "register_cpu.cpp"]
+    sources = [ROOT / "csrc" / "ddg_ops.cpp", *host, *units]
     # csrc/cuda on the include path: the transformed files include "../common/..." and
     # "../host/..." relative to their original place.
     return build_library(LIBRARY_NAME, sources, out, extra_include=[ROOT / "csrc" / "cuda"], verbose=verbose)

@@ -126,6 +126,7 @@ def test_gpu_without_kernel_image_is_an_error_with_require_ext(cuda_build_for_ho
 
 
 @pytest.mark.requires_ext
+@pytest.mark.cpu_kernel_only  # reloads the compiled _C build's state
 def test_cpu_without_kernel_features_routes_cpu_to_reference(monkeypatch):
     if not ddg_ops.EXTENSION.build_info.get("cpu_kernel_features"):
         pytest.skip("the CPU kernels of this build need no SIMD features (DDG_CPU_CAPABILITY=default)")
@@ -142,6 +143,7 @@ def test_cpu_without_kernel_features_routes_cpu_to_reference(monkeypatch):
 
 
 @pytest.mark.requires_ext
+@pytest.mark.cpu_kernel_only  # imports ddg_ops._C, whose schemas the emulator library already defined
 def test_extension_and_build_record_agree_on_cpu_features():
     from ddg_ops import _C
     info = ddg_ops.EXTENSION.build_info
@@ -166,6 +168,7 @@ _IMPORT_ON_OLD_CPU = textwrap.dedent("""
 
 
 @pytest.mark.requires_ext
+@pytest.mark.cpu_kernel_only  # the subprocess imports the compiled _C build
 def test_import_on_cpu_without_kernel_features():
     if not ddg_ops.EXTENSION.build_info.get("cpu_kernel_features"):
         pytest.skip("the CPU kernels of this build need no SIMD features (DDG_CPU_CAPABILITY=default)")
