@@ -60,3 +60,12 @@ def violations(rep, budgets, opcodes):
         if "require_opcode" in rule and rule["require_opcode"] not in opcodes:
             out.append(f"{name}: no {rule['require_opcode']} instruction (partials merged by one thread)")
     return out
+
+
+def known_violation(rep, problem, budgets):
+    """The `known_violations` entry of the budget file that accepts this problem (a measured
+    shortfall with its reason, kept visible in every report), or None."""
+    for known in budgets.get("known_violations", []):
+        if re.search(known["pattern"], rep.name) and problem.startswith(known["rule"] + ":"):
+            return known
+    return None
