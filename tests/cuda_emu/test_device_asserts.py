@@ -25,7 +25,9 @@ _SETUP = "import torch; from tests.ops.test_bad_inputs import ops, f, t6, eps6, 
     ("ops.adaln_modulate(rows, None, None, rows[:2], rows[:2], ci, 1e-6)", "modulate_kernel",
      "ci >= 0 && ci < cond_rows"),
     ("ops.gated_residual(rows, rows[:2], rows, ci)", "gated_kernel", "ci >= 0 && ci < cond_rows"),
-], ids=["prepare_timesteps", "prepare_permutation", "loss_timesteps", "adaln_cond_index", "gated_cond_index"])
+    ("ops.cond_rows_sum(rows, ci, 2)", "segment_column_sum_kernel", "offsets[0] == 0 && offsets[segments] == rows"),
+], ids=["prepare_timesteps", "prepare_permutation", "loss_timesteps", "adaln_cond_index", "gated_cond_index",
+        "cond_rows_sum_index"])
 def test_out_of_range_index_fires_the_device_assert(call, kernel, condition):
     proc = subprocess.run([sys.executable, "-c", _SETUP + call + "\nprint('NO ASSERT')"], cwd=ROOT,
                           env=dict(os.environ), capture_output=True, text=True, timeout=300)
