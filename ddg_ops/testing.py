@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -80,6 +80,19 @@ def difference(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional[tor
     worst = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(a.shape))) if a.ndim else ()
     return Difference(float(err.max()), float(torch.nan_to_num(rel, nan=0.0).max()), atol, rtol, worst,
                       int((~close).sum()), a.numel())
+
+
+def leaves(inputs: Dict[str, object], differentiable: Sequence[str], fp64: bool) -> Dict[str, object]:
+    """Detached copies (fp64 ones for the reference) of the floating inputs; those named in
+    ``differentiable`` require grad. The kernel side keeps the strides of the input's layout."""
+    out = {}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            value = value.detach().to(torch.float64, copy=True) if fp64 else value.detach()
+            if name in differentiable:
+                value.requires_grad_()
+        out[name] = value
+    return out
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = None, scale: float = 1.0,

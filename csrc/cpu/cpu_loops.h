@@ -59,39 +59,35 @@ acc_t lane_sum(const at::vec::Vectorized<acc_t>& v) {
       v);
 }
 
-// Sum, and sum of squared deviations from `mean`, of n contiguous elements.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-acc_t span_sum(const scalar_t* p, int64_t n) {
+// Sum of f(x) over n contiguous elements: two SIMD vectors per step, then the scalar tail. f
+// takes both a Vectorized<acc_t> and an acc_t (a generic lambda), so every span reduction of the
+// CPU kernels shares one loop and one summation order.
+template <typename scalar_t, typename F, typename acc_t = at::opmath_type<scalar_t>>
+acc_t span_reduce(const scalar_t* p, int64_t n, const F& f) {
   using IO = VecIO<scalar_t>;
   typename IO::Vec acc(acc_t(0));
   acc_t tail = 0;
   int64_t i = 0;
   for (; i + IO::kStep <= n; i += IO::kStep) {
     const auto v = IO::load(p + i);
-    acc += v.lo + v.hi;
+    acc += f(v.lo) + f(v.hi);
   }
-  for (; i < n; ++i) tail += acc_t(p[i]);
+  for (; i < n; ++i) tail += f(acc_t(p[i]));
   return lane_sum(acc) + tail;
 }
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+acc_t span_sum(const scalar_t* p, int64_t n) {
+  return span_reduce(p, n, [](auto x) { return x; });
+}
+
+// Sum of squared deviations from `mean`.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 acc_t span_sq_dev(const scalar_t* p, int64_t n, acc_t mean) {
-  using IO = VecIO<scalar_t>;
-  using Vec = typename IO::Vec;
-  const Vec vm(mean);
-  Vec acc(acc_t(0));
-  acc_t tail = 0;
-  int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    const auto v = IO::load(p + i);
-    const Vec d0 = v.lo - vm, d1 = v.hi - vm;
-    acc += d0 * d0 + d1 * d1;
-  }
-  for (; i < n; ++i) {
-    const acc_t d = acc_t(p[i]) - mean;
-    tail += d * d;
-  }
-  return lane_sum(acc) + tail;
+  return span_reduce(p, n, [mean](auto x) {
+    const auto d = x - decltype(x)(mean);
+    return d * d;
+  });
 }
 
 constexpr int64_t kElementwiseGrain = 32768;

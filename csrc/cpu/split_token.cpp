@@ -101,21 +101,10 @@ void apply_affine(typename VecIO<scalar_t>::Pair& y, const scalar_t* w, const sc
   }
 }
 
-// Sum of shifted_value(x, s) over a row: SIMD lanes, then the scalar tail.
+// Sum of shifted_value(x, s) over a row.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 acc_t row_shifted_sum(const scalar_t* p, int64_t n, acc_t s) {
-  using IO = VecIO<scalar_t>;
-  using Vec = typename IO::Vec;
-  const Vec vs(s);
-  Vec acc(acc_t(0));
-  acc_t tail = 0;
-  int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    const auto v = IO::load(p + i);
-    acc += shifted_value(v.lo, vs) + shifted_value(v.hi, vs);
-  }
-  for (; i < n; ++i) tail += shifted_value(acc_t(p[i]), s);
-  return lane_sum(acc) + tail;
+  return span_reduce(p, n, [s](auto x) { return shifted_value(x, decltype(x)(s)); });
 }
 
 template <typename scalar_t>

@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..testing import DTYPES, difference, magnitude
+from ..testing import DTYPES, difference, leaves, magnitude
 from .cases import CASES, SIZES, Call, OpCase
 
 NAMESPACE = "ddg"
@@ -118,19 +118,6 @@ class Grid:
                             yield Point(case.name, dtype, layout, tuple(shape), variant, size)
 
 
-def _leaves(inputs: Dict[str, object], differentiable: Sequence[str], fp64: bool) -> Dict[str, object]:
-    """Detached copies (fp64 ones for the reference) of the floating inputs; those named in
-    ``differentiable`` require grad. The kernel side keeps the strides of the grid's layout."""
-    out = {}
-    for name, value in inputs.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            value = value.detach().to(torch.float64, copy=True) if fp64 else value.detach()
-            if name in differentiable:
-                value.requires_grad_()
-        out[name] = value
-    return out
-
-
 @contextlib.contextmanager
 def _threads(n: int):
     previous = torch.get_num_threads()
@@ -145,8 +132,8 @@ def _compare(point: Point, call: Call, seen: Set[Tuple[str, str]], kernel_thread
     """Forward outputs, then the gradients of every differentiable input for a random grad_output on
     every differentiable output. Tolerances: TOLERANCES of each result's dtype, atol scaled by the
     magnitude of the expected values (and by ``call.scales`` where that is not enough)."""
-    got_in = _leaves(call.inputs, call.differentiable, False)
-    ref_in = _leaves(call.inputs, call.differentiable, True)
+    got_in = leaves(call.inputs, call.differentiable, False)
+    ref_in = leaves(call.inputs, call.differentiable, True)
     with _OpRecorder(seen), _threads(kernel_threads):
         got = call.run(**got_in)
     with warnings.catch_warnings():

@@ -295,33 +295,19 @@ inline T __ldg(const T* p) {
 }
 
 // One fiber runs at a time, so a read-modify-write is atomic by construction.
-template <typename T>
-inline T atomicAdd(T* p, T v) {
+template <typename T, typename F>
+inline T atomic_update(T* p, const F& f) {
   const T old = *p;
-  *p = old + v;
+  *p = f(old);
   return old;
 }
 template <typename T>
-inline T atomicMax(T* p, T v) {
-  const T old = *p;
-  *p = old > v ? old : v;
-  return old;
-}
+inline T atomicAdd(T* p, T v) { return atomic_update(p, [v](T o) { return o + v; }); }
 template <typename T>
-inline T atomicMin(T* p, T v) {
-  const T old = *p;
-  *p = old < v ? old : v;
-  return old;
-}
+inline T atomicMax(T* p, T v) { return atomic_update(p, [v](T o) { return o > v ? o : v; }); }
 template <typename T>
-inline T atomicExch(T* p, T v) {
-  const T old = *p;
-  *p = v;
-  return old;
-}
+inline T atomicMin(T* p, T v) { return atomic_update(p, [v](T o) { return o < v ? o : v; }); }
 template <typename T>
-inline T atomicCAS(T* p, T compare, T v) {
-  const T old = *p;
-  if (old == compare) *p = v;
-  return old;
-}
+inline T atomicExch(T* p, T v) { return atomic_update(p, [v](T) { return v; }); }
+template <typename T>
+inline T atomicCAS(T* p, T compare, T v) { return atomic_update(p, [compare, v](T o) { return o == compare ? v : o; }); }

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import ddg_ops
 from ddg_ops import GaussianDiffusionSchedule, reference
+from ddg_ops.testing import leaves
 from tests._utils import DTYPES, assert_close, magnitude
 
 T = 1000
@@ -32,19 +33,6 @@ def _acc(dtype):
 
 # ------------------------------------------------------------------------------ helpers
 
-def _leaves(inputs, differentiable, fp64):
-    """Detached copies of the inputs (fp64 copies of the floating ones for the reference);
-    the names in `differentiable` require grad. Strides are kept on the kernel side."""
-    out = {}
-    for name, value in inputs.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            value = value.detach().to(torch.float64, copy=True) if fp64 else value.detach()
-            if name in differentiable:
-                value.requires_grad_()
-        out[name] = value
-    return out
-
-
 def _as_list(out):
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
@@ -54,7 +42,7 @@ def _compare(fn, ref_fn, inputs, differentiable, msg="", grad_scales=None):
     differentiable input for a random grad_output on every differentiable output. Tolerances are
     those of each result's dtype, atol scaled by the magnitude of the expected values, or by
     grad_scales(fp64 inputs, grad_outputs)[name] where a gradient is a cancellation of larger terms."""
-    got_in, ref_in = _leaves(inputs, differentiable, False), _leaves(inputs, differentiable, True)
+    got_in, ref_in = leaves(inputs, differentiable, False), leaves(inputs, differentiable, True)
     got, ref = _as_list(fn(**got_in)), _as_list(ref_fn(**ref_in))
     assert len(got) == len(ref)
     for i, (g, r) in enumerate(zip(got, ref)):
