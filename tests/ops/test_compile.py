@@ -91,3 +91,22 @@ def test_compile_split_token_head_matches_eager(backend, cond):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     for name, a, b in zip(params, g_out, g_eager):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_compile_cond_rows_sum_and_its_gradient():
+    """The segment sum of shared-condition gradients as an op of its own, forward and backward."""
+    torch._dynamo.reset()
+    ci = torch.tensor([2, 0, 2, 1, 0, 2, 4])  # condition 3 unused
+
+    def fn(rows):
+        return torch.ops.ddg.cond_rows_sum(rows, ci, 5) * torch.arange(1.0, 6.0)[:, None]
+
+    rows = torch.randn(7, 9, requires_grad=True)
+    eager = fn(rows)
+    (g_eager,) = torch.autograd.grad(eager.sum(), rows)
+    rows2 = rows.detach().clone().requires_grad_()
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(rows2)
+    (g_out,) = torch.autograd.grad(out.sum(), rows2)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g_out, g_eager)
+    assert torch.equal(g_out, (ci.float() + 1)[:, None].expand(7, 9))  # d/d row r = weight of its condition
