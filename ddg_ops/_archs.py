@@ -32,6 +32,19 @@ def archs_from_gencode_flags(flags: Iterable[str]) -> Tuple[list, list]:
     return sorted(sass, key=parse_arch), sorted(ptx, key=parse_arch)
 
 
+def archs_from_arch_list(arch_list: Optional[str]) -> Tuple[list, list]:
+    """(SASS archs, PTX archs) named by a TORCH_CUDA_ARCH_LIST string ('8.0;9.0+PTX', '8.6 9.0a');
+    entries that are not archs (e.g. 'visible GPUs') are ignored."""
+    sass, ptx = [], []
+    for item in re.split(r"[;\s]+", arch_list or ""):
+        m = re.fullmatch(r"(\d+\.\d[a]?)(\+PTX)?", item.strip())
+        if m:
+            sass.append(m.group(1))
+            if m.group(2):
+                ptx.append(m.group(1))
+    return sass, ptx
+
+
 def parse_arch(arch: str) -> Tuple[int, int, bool]:
     """``'8.6'`` -> (8, 6, False); ``'9.0a'`` -> (9, 0, True)."""
     m = re.fullmatch(r"(\d+)\.(\d)(a?)", arch.strip())

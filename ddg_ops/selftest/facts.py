@@ -4,45 +4,30 @@ and which backend each op has on that device."""
 from __future__ import annotations
 
 import platform
-import re
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .._archs import archs_from_arch_list, kernel_image_for
 from .._ext import STATE as EXTENSION
 from ..bench._utils import _device_name
 from ..info import _backend
 
 
-def parse_arch_list(arch_list: Optional[str]) -> List[Tuple[int, int, str, bool]]:
-    """TORCH_CUDA_ARCH_LIST entries ('8.0;8.6 9.0+PTX', '9.0a') as (major, minor, suffix, ptx)."""
-    entries = []
-    for item in re.split(r"[;\s]+", arch_list or ""):
-        m = re.fullmatch(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?", item.strip())
-        if m:
-            entries.append((int(m.group(1)), int(m.group(2)), m.group(3), bool(m.group(4))))
-    return entries
-
-
 def arch_coverage(capability: Tuple[int, int], arch_list: Optional[str]) -> Tuple[Optional[bool], str]:
-    """Whether kernels built for ``arch_list`` run on a device of ``capability``: (covered, how).
-
-    A cubin for sm_XY runs on devices of the same major version and minor >= Y (an arch-specific
-    'a' cubin only on exactly XY); PTX for compute_XY is JIT-compiled by the driver for any device
-    >= XY (slower first launch). covered is None when the list does not say (built for the GPUs
-    visible at build time)."""
-    major, minor = capability
-    entries = parse_arch_list(arch_list)
-    if not entries:
+    """Whether kernels built for ``arch_list`` run on a device of ``capability``: (covered, how), by
+    the rules ddg_ops applies at import (ddg_ops/_archs.py). covered is None when the list names no
+    arch (built for the GPUs visible at build time)."""
+    sass, ptx = archs_from_arch_list(arch_list)
+    if not sass:
         return None, f"arch list {arch_list!r} does not name architectures"
-    sass = [f"sm_{a}{b}{s}" for a, b, s, _ in entries
-            if a == major and (b == minor if s else b <= minor)]
-    if sass:
-        return True, f"SASS for {', '.join(sass)}"
-    ptx = [f"compute_{a}{b}" for a, b, s, p in entries if p and (a, b) <= (major, minor)]
-    if ptx:
-        return True, f"PTX {', '.join(ptx)} only: JIT-compiled at first launch"
-    return False, f"no SASS or PTX for sm_{major}{minor} in {arch_list!r}: 'no kernel image is available'"
+    image = kernel_image_for(tuple(capability), sass, ptx)
+    if image is None:
+        return False, (f"no SASS or PTX for sm_{capability[0]}{capability[1]} in {arch_list!r}: "
+                       "'no kernel image is available'")
+    if image.startswith("sm_"):
+        return True, f"SASS for {image}"
+    return True, f"PTX {image} only: JIT-compiled at first launch"
 
 
 def device_facts(device: torch.device) -> Dict[str, object]:
