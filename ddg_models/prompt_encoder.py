@@ -76,6 +76,16 @@ class PromptEncoder:
 
     # ------------------------------------------------------------------------------------------------
     @property
+    def tokenizer(self):
+        """The first (for 'clip' the only) tokenizer."""
+        return self.tokenizers[0]
+
+    @property
+    def text_encoder(self):
+        """The first (for 'clip' the only) text encoder."""
+        return self.text_encoders[0]
+
+    @property
     def device(self) -> torch.device:
         return next(self.text_encoders[0].parameters()).device
 

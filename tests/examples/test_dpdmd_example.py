@@ -107,13 +107,13 @@ def test_distiller_updates_route_to_the_right_network():
     from accelerate import Accelerator
 
     from ddg_losses import FlowMatchingNoise
-    from ddg_models import CFGTeacher, FewStepGenerator, shifted_flow_sigmas
+    from ddg_models import FewStepGenerator, GuidedTeacher, shifted_flow_sigmas
     from examples.dpdmd.method import DistillConfig, Distiller
     from examples.dpdmd.toy_models import VelocityMLP
 
     torch.manual_seed(0)
     net = VelocityMLP(3, width=32, depth=2)
-    teacher = CFGTeacher(VelocityMLP(3, width=32, depth=2).requires_grad_(False), 2.0)
+    teacher = GuidedTeacher(VelocityMLP(3, width=32, depth=2).requires_grad_(False), "velocity", 2.0)
     teacher.model.load_state_dict(net.state_dict())
     generator, fake = FewStepGenerator(VelocityMLP(3, width=32, depth=2)), VelocityMLP(3, width=32, depth=2)
     lr, clip = 0.5, 1e-3
@@ -123,14 +123,14 @@ def test_distiller_updates_route_to_the_right_network():
     d = Distiller(config, Accelerator(cpu=True), generator, teacher, fake, gen_opt, fake_opt, schedule, schedule)
     labels = torch.randint(0, 3, (16,))
     cond, uncond = {"label": labels}, {"label": torch.full_like(labels, 3)}
-    g0, f0, t0 = _params(generator), _params(fake), _params(teacher)
+    g0, f0, t0 = _params(generator), _params(fake), _params(teacher.model)
     logs = d.step(0, torch.randn(16, 2), cond, uncond)  # ratio 1: iteration 0 is a fake update
     assert set(logs) == {"fake_loss", "fake_grad_norm"}
-    assert all(_changed(f0, fake)) and not any(_changed(g0, generator)) and not any(_changed(t0, teacher))
+    assert all(_changed(f0, fake)) and not any(_changed(g0, generator)) and not any(_changed(t0, teacher.model))
     f1 = _params(fake)
     logs = d.step(1, torch.randn(16, 2), cond, uncond)
     assert {"dmd_loss", "anchor_loss", "generator_grad_norm"} <= set(logs) and logs["generator_grad_norm"] > clip
-    assert any(_changed(g0, generator)) and not any(_changed(f1, fake)) and not any(_changed(t0, teacher))
+    assert any(_changed(g0, generator)) and not any(_changed(f1, fake)) and not any(_changed(t0, teacher.model))
     step = torch.cat([(a - b).flatten() for a, b in zip(g0, _params(generator))]).norm()
     assert step <= lr * clip * (1 + 1e-4)  # SGD step = lr * clipped gradient
 
@@ -201,12 +201,12 @@ def test_distiller_runs_the_dmd2_epsilon_variant():
     from accelerate import Accelerator
 
     from ddg_losses import DDPMNoise
-    from ddg_models import BackwardSimulationGenerator, CFGTeacher
+    from ddg_models import BackwardSimulationGenerator, GuidedTeacher
     from examples.dpdmd.method import DistillConfig, Distiller
     from examples.dpdmd.toy_models import VelocityMLP
 
     ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
-    teacher = CFGTeacher(VelocityMLP(3, width=32, depth=2), 1.75, prediction="epsilon")
+    teacher = GuidedTeacher(VelocityMLP(3, width=32, depth=2), "epsilon", 1.75)
     generator = BackwardSimulationGenerator(VelocityMLP(3, width=32, depth=2), ab)
     fake = VelocityMLP(3, width=32, depth=2)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (generator, fake)]
