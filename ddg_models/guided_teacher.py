@@ -7,7 +7,8 @@ is written: the [uncond; cond] pair from one batched call, the guided prediction
 rollout and the whole sampling loop.
 
 It is a plain object, not an ``nn.Module``: a trained module that keeps a reference to it never registers it as
-a submodule, so DDP/FSDP wrapping, SWAD averaging, ``state_dict`` and ``parameters()`` never see its weights.
+a submodule, so DDP/FSDP wrapping, ``state_dict`` and ``parameters()`` never see its weights, and a deep copy of
+such a module (SWAD's averages) shares the teacher instead of copying it.
 Inputs are cast to the teacher's dtype at the call boundary and predictions come back in fp32 (fp64 for an
 fp64 teacher), so a bf16 teacher serves fp32 latents and every fused op after it accumulates in fp32.
 """
@@ -215,6 +216,9 @@ class GuidedTeacher:
             u, c = self.pair(x, self.timestep_scale * sigmas[i], cond, uncond)
             x = cfg_step(x, u, c, s, update="euler", coef_t=sigmas[i], coef_next=sigmas[i + 1])
         return x, sigmas[steps]
+
+    def __deepcopy__(self, memo) -> "GuidedTeacher":
+        return self  # frozen: copies of a module that holds the teacher share it
 
     def __repr__(self) -> str:
         return (f"GuidedTeacher({type(self.model).__name__}, prediction={self.prediction!r}, "

@@ -69,6 +69,9 @@ class StableDiffusionTeacher:
         self.prompt_encoder = PromptEncoder.clip(tokenizer, text_encoder)
         self.codec = VAECodec(vae)
 
+    def __deepcopy__(self, memo) -> "StableDiffusionTeacher":
+        return self  # frozen: copies of a module that holds the teacher share it
+
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], torch_dtype: Optional[torch.dtype] = None,
