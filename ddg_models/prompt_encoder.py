@@ -128,8 +128,9 @@ class PromptEncoder:
         device = self.device
         dtype = self.text_encoders[0].dtype
         hidden, pooled = [], []
+        length = self.tokenizers[0].model_max_length  # both CLIPs pad to the first tokenizer's length
         for tokenizer, encoder in zip(self.tokenizers[:2], self.text_encoders[:2]):
-            out = encoder(_pad_ids(tokenizer, prompts, tokenizer.model_max_length, device), output_hidden_states=True)
+            out = encoder(_pad_ids(tokenizer, prompts, length, device), output_hidden_states=True)
             pooled.append(out[0])
             hidden.append(out.hidden_states[-2].to(dtype=dtype, device=device))
         clip_states = torch.cat(hidden, dim=-1)
