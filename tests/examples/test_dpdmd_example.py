@@ -139,6 +139,39 @@ def _rows(path):
     return list(csv.DictReader(open(path)))
 
 
+def test_bf16_teacher_serves_an_fp32_generator():
+    """The SD3 launch's dtypes: a bf16 teacher transformer (not prepared by accelerate) and an fp32 generator
+    output; the real score and the anchor rollout come back in fp32 and one generator step updates the student."""
+    from accelerate import Accelerator
+    from diffusers import SD3Transformer2DModel
+
+    from ddg_losses import FlowMatchingNoise
+    from ddg_models import FewStepGenerator, GuidedTeacher, shifted_flow_sigmas
+    from examples.dpdmd.method import DistillConfig, Distiller
+
+    def tiny(dtype):
+        torch.manual_seed(0)
+        return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                     caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8).to(dtype)
+
+    teacher = GuidedTeacher(tiny(torch.bfloat16), "velocity", 3.5)
+    generator, fake = FewStepGenerator(tiny(torch.float32), 2), tiny(torch.float32)
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (generator, fake)]
+    schedule = FlowMatchingNoise(shifted_flow_sigmas(1000)[:-1], per_sample=True)
+    config = DistillConfig(guidance_scale=3.5, fake_per_generator=1, anchor_steps=2, teacher_steps=4)
+    d = Distiller(config, Accelerator(cpu=True), generator, teacher, fake, *opts, schedule, schedule)
+    cond = {"encoder_hidden_states": torch.randn(2, 5, 16), "pooled_projections": torch.randn(2, 8)}
+    uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
+    noise = torch.randn(2, 4, 8, 8)
+    z_k, _ = teacher.rollout(noise, cond, uncond, 4, 2)
+    assert z_k.dtype == torch.float32
+    before = [p.detach().clone() for p in generator.parameters()]
+    logs = d.generator_step(noise, cond, uncond, generator=torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values()) and "anchor_loss" in logs
+    assert any(not torch.equal(a, b) for a, b in zip(before, generator.parameters()))
+
+
 def test_sd3_pipeline_smoke_resume_and_student_export(tmp_path):
     from diffusers import SD3Transformer2DModel
 
