@@ -12,6 +12,7 @@ from .gendd import GenDDDraws, GenDDLoss, GenDDLossOutput
 _LAZY = {
     # DDIS (issue 6)
     "KLDistillationLoss": "kd",
+    "BNGuidanceLoss": "bn_guidance",
     # DP-DMD (issue 7)
     "NoisedDMDOutput": "dmd", "FakeScoreLoss": "dpdmd_fake_score", "FakeScoreOutput": "dpdmd_fake_score",
     "AnchorLoss": "dpdmd_anchor", "anchor_target": "dpdmd_anchor", "TwoTimeScaleSchedule": "dpdmd_schedule",

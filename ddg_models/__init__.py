@@ -12,12 +12,13 @@ from .split_token_head import (SplitTokenDiffusionHead, SplitTokenHeadConfig, co
 
 # Name -> submodule, imported on first use (these need diffusers / transformers).
 _LAZY = {
-    "CFGSampler": "guided_sampling", "FusedGuidanceStep": "guided_sampling", "unet_denoiser": "guided_sampling",
+    "FusedGuidanceStep": "guided_sampling",
+    "GuidedTeacher": "guided_teacher", "PromptEncoder": "prompt_encoder", "VAECodec": "vae_codec",
     # DDIS (issue 6)
-    "DAGSampler": "dag_sampler", "ClassifierPreprocess": "dag_sampler", "ClassAlignmentTokens": "class_token",
+    "DAGSampler": "dag_sampler", "ClassifierPreprocess": "classifier_preprocess", "ClassAlignmentTokens": "class_token",
     # DP-DMD (issue 7)
     "FewStepGenerator": "few_step_generator", "FewStepOutput": "few_step_generator",
-    "shifted_flow_sigmas": "few_step_generator", "CFGTeacher": "cfg_teacher",
+    "shifted_flow_sigmas": "few_step_generator",
     "model_prediction": "model_call", "concat_conditions": "model_call",
     "BackwardSimulationGenerator": "backward_simulation",
     # DDG (issue 8)

@@ -1,15 +1,15 @@
-"""Classifier-free-guided sampling with diffusers schedulers on ddg's fused guidance ops.
+"""One classifier-free-guided scheduler step with diffusers schedulers on ddg's fused guidance ops.
 
 ``FusedGuidanceStep`` turns (uncond, cond) model outputs into the scheduler's next sample.
 For DDIMScheduler (eta=0, no clipping/thresholding, epsilon or v-prediction) and
 FlowMatchEulerDiscreteScheduler (deterministic), CFG, guidance rescale and the scheduler
 update run as one fused op; any other scheduler gets the fused CFG combine followed by its
-own ``step``, so every diffusers scheduler works. ``CFGSampler`` is the sampling loop a
-diffusers pipeline runs (one batched [uncond; cond] model call per step).
+own ``step``, so every diffusers scheduler works. The sampling loop around it is
+``GuidedTeacher.sample`` (guided_teacher.py).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -19,8 +19,6 @@ try:  # diffusers is a dependency of ddg_models, imported lazily by users of ddg
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 except ImportError as exc:  # pragma: no cover - exercised only without diffusers
     raise ImportError("ddg_models.guided_sampling needs diffusers (pip install 'ddg[models]')") from exc
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _fused_update(scheduler) -> Optional[str]:
@@ -81,38 +79,3 @@ class FusedGuidanceStep:
             s._init_step_index(timestep)
         return float(s.sigmas[s.step_index]), float(s.sigmas[s.step_index + 1])
 
-
-class CFGSampler:
-    """Guided sampling loop: per step one denoiser call on [uncond; cond], then FusedGuidanceStep.
-
-    ``denoiser(latents, t, embeddings)`` returns the model prediction; for a diffusers
-    UNet2DConditionModel use ``unet_denoiser(unet)``.
-    """
-
-    def __init__(self, denoiser: Denoiser, scheduler, guidance_scale: float, guidance_rescale: float = 0.0):
-        self.denoiser = denoiser
-        self.scheduler = scheduler
-        self.guidance_scale = guidance_scale
-        self.guidance_rescale = guidance_rescale
-
-    @torch.no_grad()
-    def __call__(self, latents: torch.Tensor, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor,
-                 num_inference_steps: int) -> torch.Tensor:
-        self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
-        step = FusedGuidanceStep(self.scheduler, self.guidance_scale, self.guidance_rescale)
-        # Flow-matching schedulers neither scale the initial noise nor the model input.
-        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
-        scale_input = getattr(self.scheduler, "scale_model_input", lambda sample, t: sample)
-        embeds = torch.cat([uncond_embeds, cond_embeds])
-        for t in self.scheduler.timesteps:
-            model_in = scale_input(torch.cat([latents, latents]), t)
-            uncond, cond = self.denoiser(model_in, t, embeds).chunk(2)
-            latents = step(uncond, cond, t, latents)
-        return latents
-
-
-def unet_denoiser(unet) -> Denoiser:
-    """Adapts a diffusers UNet2DConditionModel to the ``denoiser(latents, t, embeddings)`` call."""
-    def denoise(latents, t, embeds):
-        return unet(latents, t, encoder_hidden_states=embeds, return_dict=False)[0]
-    return denoise

@@ -10,6 +10,7 @@ a fresh eps per sample, z_t = add_noise(z0, eps, t), then the debiased predictio
     eps_hat = eps_n + w * (eps_c - eps_n),  eps_c = UNet(z_t, t, c(x)),  eps_n = UNet(z_t, t, c_neg) (no grad)
 
 through the fused ``ddg_ops.cfg_combine`` (optional guidance rescale). w = 1 skips the negative branch.
+The UNet is a ``GuidedTeacher``, the text stack a ``PromptEncoder`` and the VAE a ``VAECodec`` (docs/teacher.md).
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ddg_ops import cfg_combine
-
+from .guided_teacher import GuidedTeacher
+from .prompt_encoder import PromptEncoder
+from .vae_codec import VAECodec
 COMPONENTS = ("vae", "unet", "scheduler", "text_encoder", "tokenizer")
 
 
@@ -54,11 +56,21 @@ class StableDiffusionTeacher:
         if unet.config.in_channels != vae.config.latent_channels:
             raise ValueError(f"StableDiffusionTeacher: UNet in_channels {unet.config.in_channels} != VAE "
                              f"latent_channels {vae.config.latent_channels}")
+        kind = scheduler.config.prediction_type
+        if kind not in ("epsilon", "v_prediction"):
+            raise ValueError(f"StableDiffusionTeacher: prediction_type {kind!r} is not supported "
+                             "(epsilon or v_prediction)")
         self.vae, self.unet, self.text_encoder = vae, unet, text_encoder
         self.scheduler, self.tokenizer = scheduler, tokenizer
         for module in (vae, unet, text_encoder):
             module.requires_grad_(False)
             module.eval()
+        self.teacher = GuidedTeacher(unet, kind)
+        self.prompt_encoder = PromptEncoder.clip(tokenizer, text_encoder)
+        self.codec = VAECodec(vae)
+
+    def __deepcopy__(self, memo) -> "StableDiffusionTeacher":
+        return self  # frozen: copies of a module that holds the teacher share it
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -114,13 +126,11 @@ class StableDiffusionTeacher:
     # --------------------------------------------------------------------------------------------- encoders
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Last hidden states [N, L, D] of the prompts padded to L (SD's own prompt encoding)."""
+        """Last hidden states [N, L, D] of the prompts padded to L (SD's own prompt encoding), fp32."""
         if isinstance(prompts, str) or not prompts:
             raise ValueError(f"StableDiffusionTeacher.encode_prompts: 'prompts' must be a non-empty list of "
                              f"strings, got {prompts!r}")
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.text_encoder.device)
-        return self.text_encoder(ids)[0].float()
+        return self.prompt_encoder(list(prompts))["encoder_hidden_states"].float()
 
     @torch.no_grad()
     def encode_images(self, x_sd: torch.Tensor) -> torch.Tensor:
@@ -128,8 +138,7 @@ class StableDiffusionTeacher:
         if x_sd.dim() != 4 or x_sd.shape[1] != self.vae.config.in_channels:
             raise ValueError(f"StableDiffusionTeacher.encode_images: 'x_sd' must be [B, "
                              f"{self.vae.config.in_channels}, H, W] in [-1, 1], got {tuple(x_sd.shape)}")
-        posterior = self.vae.encode(x_sd.to(self.vae.device, self.vae.dtype)).latent_dist
-        return posterior.mean.float() * self.vae.config.scaling_factor
+        return self.codec.encode(x_sd)
 
     # ------------------------------------------------------------------------------------- the training step
     def sample_training_inputs(self, z0: torch.Tensor, generator: Optional[torch.Generator] = None
@@ -155,10 +164,6 @@ class StableDiffusionTeacher:
                              "(epsilon or v_prediction)")
         return z_t, t, noise, target
 
-    def _unet(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        out = self.unet(z_t.to(self.dtype), t, encoder_hidden_states=context.to(self.dtype), return_dict=False)[0]
-        return out.float()
-
     def guided_noise_prediction(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                                 negative_context: Optional[torch.Tensor], guidance_scale: float,
                                 guidance_rescale: float = 0.0) -> torch.Tensor:
@@ -170,16 +175,18 @@ class StableDiffusionTeacher:
         if context.dim() != 3 or context.shape[0] != z_t.shape[0]:
             raise ValueError(f"StableDiffusionTeacher.guided_noise_prediction: 'context' must be [B={z_t.shape[0]},"
                              f" L, D], got {tuple(context.shape)}")
-        cond = self._unet(z_t, t, context)
+        negative = None
+        if guidance_scale != 1.0:
+            if negative_context is None:
+                raise ValueError("StableDiffusionTeacher.guided_noise_prediction: 'negative_context' is required "
+                                 f"when guidance_scale != 1 (got {guidance_scale})")
+            if negative_context.dim() != 3 or negative_context.shape[0] not in (1, z_t.shape[0]) \
+                    or negative_context.shape[1:] != context.shape[1:]:
+                raise ValueError("StableDiffusionTeacher.guided_noise_prediction: 'negative_context' must be [B or "
+                                 f"1, {context.shape[1]}, {context.shape[2]}], got {tuple(negative_context.shape)}")
+            negative = {"encoder_hidden_states": negative_context}
+        # guided(grad='cond') skips the negative branch at w = 1 only without rescale, as before.
         if guidance_scale == 1.0:
-            return cond
-        if negative_context is None:
-            raise ValueError("StableDiffusionTeacher.guided_noise_prediction: 'negative_context' is required when "
-                             f"guidance_scale != 1 (got {guidance_scale})")
-        if negative_context.dim() != 3 or negative_context.shape[0] not in (1, z_t.shape[0]) \
-                or negative_context.shape[1:] != context.shape[1:]:
-            raise ValueError("StableDiffusionTeacher.guided_noise_prediction: 'negative_context' must be [B or 1, "
-                             f"{context.shape[1]}, {context.shape[2]}], got {tuple(negative_context.shape)}")
-        with torch.no_grad():  # the negative branch is a fixed reference: no gradient, no stored activations
-            uncond = self._unet(z_t, t, negative_context.expand(z_t.shape[0], -1, -1))
-        return cfg_combine(uncond, cond, guidance_scale, guidance_rescale)
+            return self.teacher.predict(z_t, t, {"encoder_hidden_states": context})
+        return self.teacher.guided(z_t, t, {"encoder_hidden_states": context}, negative, scale=guidance_scale,
+                                   rescale=guidance_rescale, grad="cond")

@@ -2,7 +2,7 @@
 
 For each scheduler family it samples the same latents twice, with diffusers' own CFG
 (StableDiffusionPipeline for DDIM; the pipeline-style loop for flow-matching Euler) and
-with ddg's CFGSampler (CFG + guidance rescale + scheduler update in one fused op), prints
+with ddg's GuidedTeacher.sample (CFG + guidance rescale + scheduler update in one fused op), prints
 how closely they agree and the time of the guidance+update part per step, and saves the
 decoded samples as a PNG grid. Weights are random (nothing is downloaded), so the
 pictures are noise: the point is the agreement and the timings.
@@ -23,7 +23,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from torchvision.utils import save_image
 
 import ddg_ops
-from ddg_models import CFGSampler, FusedGuidanceStep, unet_denoiser
+from ddg_models import FusedGuidanceStep, GuidedTeacher, VAECodec
 
 PRESETS = {
     # CPU, seconds: a 2-level UNet on 16x16 latents.
@@ -67,6 +67,11 @@ def diffusers_flow_loop(unet, scheduler, latents, cond, uncond, steps, scale, re
         guided = rescale_noise_cfg(u + scale * (c - u), c, guidance_rescale=rescale)
         latents = scheduler.step(guided, t, latents).prev_sample
     return latents
+
+
+def ctx(embeds: torch.Tensor) -> dict:
+    """A UNet2DConditionModel conditioning."""
+    return {"encoder_hidden_states": embeds}
 
 
 def time_per_step(fn, repeats=50):
@@ -141,13 +146,13 @@ def main():
                          num_inference_steps=steps, guidance_scale=args.guidance_scale,
                          guidance_rescale=args.guidance_rescale, output_type="latent",
                          height=size * 8, width=size * 8).images,
-            lambda: CFGSampler(unet_denoiser(unet), ddim(), args.guidance_scale, args.guidance_rescale)(
-                latents, cond, uncond, steps)),
+            lambda: GuidedTeacher(unet, "epsilon").sample(latents, ctx(cond), ctx(uncond), ddim(), steps,
+                                                          scale=args.guidance_scale, rescale=args.guidance_rescale)),
         "flow-matching euler": (
             lambda: diffusers_flow_loop(unet, flow_euler(), latents.clone(), cond, uncond, steps,
                                         args.guidance_scale, args.guidance_rescale),
-            lambda: CFGSampler(unet_denoiser(unet), flow_euler(), args.guidance_scale, args.guidance_rescale)(
-                latents, cond, uncond, steps)),
+            lambda: GuidedTeacher(unet, "velocity").sample(latents, ctx(cond), ctx(uncond), flow_euler(), steps,
+                                                           scale=args.guidance_scale, rescale=args.guidance_rescale)),
     }
     for name, (theirs, ours) in runs.items():
         t0 = time.perf_counter()
@@ -169,9 +174,9 @@ def main():
         results[f"step_ms_{name}"] = dict(diffusers=ref_ms, ddg=ddg_ms)
 
     with torch.no_grad():
-        images = torch.cat([vae.decode(s / vae.config.scaling_factor).sample for s in samples])
+        images = torch.cat([VAECodec(vae).to_images(s) for s in samples])
     grid = args.out / "samples.png"
-    save_image((images.clamp(-1, 1) + 1) / 2, grid, nrow=b)
+    save_image(images, grid, nrow=b)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\nrows: diffusers/ddg per scheduler; saved {grid} and {args.out / 'results.json'}")
     worst = max(r["max_rel_diff"] for k, r in results.items() if "max_rel_diff" in r)

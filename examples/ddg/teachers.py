@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ddg_models import StableDiffusionTeacher, encode_class_prompts
+from ddg_models import PromptEncoder, StableDiffusionTeacher, VAECodec, encode_class_prompts
 
 from ..common.tiny_text import build_word_tokenizer, tiny_text_encoder
 from .data import Environments
@@ -155,9 +155,10 @@ def train_tiny_teachers(p: Preset, envs: Environments, sources: Sequence[int], d
                         block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
                         sample_size=p.image_size, mid_block_add_attention=False)
 
+    codec = VAECodec(vae)
+
     def vae_loss(idx):
-        posterior = vae.encode(sd_x[idx]).latent_dist
-        recon = vae.decode(posterior.sample(generator=g)).sample
+        recon, posterior = codec.reconstruct(sd_x[idx], generator=g)
         return F.mse_loss(recon, sd_x[idx]) + 1e-5 * posterior.kl().mean()
 
     losses["vae"] = _train(vae_steps, vae.parameters(), vae_loss, len(y), 64, g, 2e-3, "tiny VAE", quiet)
@@ -183,8 +184,10 @@ def train_tiny_teachers(p: Preset, envs: Environments, sources: Sequence[int], d
         u = torch.rand(len(y), generator=g).tolist()
         captions = [_caption(envs, int(yi), int(di), keep_class=not (ui < 0.1 or 0.3 <= ui < 0.5),
                              keep_domain=ui >= 0.3) for yi, di, ui in zip(y, d, u)]
-        ids = tokenizer(captions, padding="max_length", return_tensors="pt").input_ids
-        context = torch.cat([text(ids[i:i + 512])[0] for i in range(0, len(y), 512)])
+        prompts = PromptEncoder.clip(tokenizer, text)
+        ids = prompts.token_ids(captions)
+        context = torch.cat([prompts.encode_ids(ids[i:i + 512])["encoder_hidden_states"]
+                             for i in range(0, len(y), 512)])
 
     def unet_loss(idx):
         noise = torch.randn(z0[idx].shape, generator=g)
@@ -205,15 +208,12 @@ def teacher_samples(teachers: Teachers, prompts: Sequence[str], steps: int = 15,
     that the teacher has learned the source domains."""
     from diffusers import DDIMScheduler
 
-    from ddg_models import CFGSampler, unet_denoiser
-
     sd = teachers.sd
-    cond = sd.encode_prompts(list(prompts))
-    uncond = sd.encode_prompts([""]).expand(len(prompts), -1, -1)
+    cond = {"encoder_hidden_states": sd.encode_prompts(list(prompts))}
+    uncond = {"encoder_hidden_states": sd.encode_prompts([""])}
     size = sd.unet.config.sample_size
     g = torch.Generator(sd.device).manual_seed(seed)
     latents = torch.randn(len(prompts), sd.unet.config.in_channels, size, size, generator=g, device=sd.device)
-    sampler = CFGSampler(unet_denoiser(sd.unet), DDIMScheduler.from_config(sd.scheduler.config), guidance_scale)
-    latents = sampler(latents, cond, uncond, steps)
-    images = sd.vae.decode(latents / sd.vae.config.scaling_factor).sample
-    return (images.float() + 1) / 2
+    latents = sd.teacher.sample(latents, cond, uncond, DDIMScheduler.from_config(sd.scheduler.config), steps,
+                                scale=guidance_scale)
+    return (sd.codec.decode(latents) + 1) / 2

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ TOKENS = "tokens"
 
 
 def latent_shape(sampler):
-    cfg = sampler.unet.config
+    cfg = sampler.teacher.model.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
     return (cfg.in_channels,) + ((size, size) if isinstance(size, int) else size)
 
@@ -40,7 +40,7 @@ def load_state(out: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"done": [], "rows": []}
 
 
-def train_class_tokens(sampler, tokens, teacher, ce_preprocess, preset, out: Path, uncond: torch.Tensor, *,
+def train_class_tokens(sampler, tokens, teacher, ce_preprocess, preset, out: Path, uncond: Dict[str, torch.Tensor], *,
                        quiet: bool = False, log: Callable[[str], None] = print) -> List[dict]:
     """Train every group not yet in ``<out>/cat_state.json``; returns the per-epoch log rows of all groups."""
     out = Path(out)
@@ -67,7 +67,7 @@ def _train_group(sampler, tokens, teacher, ce_preprocess, preset, group: Sequenc
     opt = torch.optim.AdamW(tokens.parameters(), lr=preset.cat_lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=preset.cat_weight_decay)
     labels = torch.tensor(list(group)).repeat(preset.cat_prompts_per_epoch)
-    device = uncond.device
+    device = sampler.codec.device
     best_loss, best_rows, since_best, rows = math.inf, None, 0, []
     bar = tqdm(range(preset.cat_epochs), desc=f"CAT {group if len(group) < 4 else 'all'}", disable=quiet,
                leave=False)
@@ -78,8 +78,8 @@ def _train_group(sampler, tokens, teacher, ce_preprocess, preset, group: Sequenc
         total, correct = 0.0, 0
         for chunk in labels.split(preset.cat_batch):
             latents = torch.randn((len(chunk),) + shape, generator=g).to(device)
-            embeds = sampler.encode_prompt(tokens.prompts(chunk.tolist()))
-            out = sampler(embeds, uncond, latents=latents, num_inference_steps=preset.steps,
+            cond = sampler.prompt_encoder(tokens.prompts(chunk.tolist()))
+            out = sampler(cond, uncond, latents=latents, num_inference_steps=preset.steps,
                           grad_steps=preset.cat_grad_steps)
             logits = teacher_logits(teacher, ce_preprocess, out.images)
             loss = F.cross_entropy(logits.float(), chunk.to(device), reduction="sum") / len(labels)

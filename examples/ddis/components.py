@@ -8,7 +8,8 @@ from typing import Dict
 import torch
 from torch import nn
 
-from ddg_models import ClassifierPreprocess, DAGSampler
+from ddg_losses import BNGuidanceLoss
+from ddg_models import ClassifierPreprocess, DAGSampler, GuidedTeacher, PromptEncoder, VAECodec
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -51,13 +52,15 @@ def preprocess_of(kind: str, size: int) -> nn.Module:
     raise ValueError(f"preprocess must be 'ddis_code', 'imagenet' or 'none', got {kind!r}")
 
 
-def build_sampler(preset, parts: Dict[str, object], teacher: nn.Module, scheduler) -> DAGSampler:
-    return DAGSampler(parts["unet"], parts["vae"], scheduler, teacher, text_encoder=parts["text_encoder"],
-                      tokenizer=parts["tokenizer"], preprocess=preprocess_of(preset.dag_preprocess,
-                                                                              preset.classifier_size),
-                      eta=preset.eta, guidance_scale=preset.guidance_scale, bn_form=preset.bn_form,
-                      first_bn_multiplier=preset.first_bn_multiplier, guide_target=preset.guide_target,
-                      bn_batch=preset.bn_batch)
+def build_sampler(preset, parts: Dict[str, object], classifier: nn.Module, scheduler) -> DAGSampler:
+    """The preset's DAG sampler: the SD UNet as a guided teacher, its VAE codec and prompt encoder, and the
+    BN-statistics loss of ``classifier`` as the guidance loss."""
+    teacher = GuidedTeacher(parts["unet"], scheduler.config.prediction_type, preset.guidance_scale)
+    loss = BNGuidanceLoss(classifier, preprocess_of(preset.dag_preprocess, preset.classifier_size),
+                          form=preset.bn_form, first_bn_multiplier=preset.first_bn_multiplier, batch=preset.bn_batch)
+    return DAGSampler(teacher, VAECodec(parts["vae"]), scheduler, loss,
+                      prompt_encoder=PromptEncoder.clip(parts["tokenizer"], parts["text_encoder"]), eta=preset.eta,
+                      guide_target=preset.guide_target)
 
 
 def teacher_logits(teacher: nn.Module, preprocess: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -87,7 +87,7 @@ def run_full(rc: FullRun, accelerator) -> dict:
             parts[name].to(device)
         sampler = build_sampler(preset, parts, teacher, parts["scheduler"])
         with torch.no_grad():
-            uncond = sampler.encode_prompt([""])
+            uncond = sampler.prompt_encoder([""])
         cat_dir = out / "cat"
         tokens = ClassAlignmentTokens(parts["tokenizer"], parts["text_encoder"], names)
         if load_state(cat_dir)["done"]:

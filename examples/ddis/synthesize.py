@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,15 +53,16 @@ def _save(image: torch.Tensor, path: Path, save_size: Optional[int]) -> None:
 
 
 def synthesize(sampler, prompts: Sequence[str], names: Sequence[str], out: Path, *, per_class: int,
-               batch_size: int, steps: int, seed: int, uncond: torch.Tensor, guided: bool = True,
+               batch_size: int, steps: int, seed: int, uncond: Dict[str, torch.Tensor], guided: bool = True,
                save_size: Optional[int] = None, rank: int = 0, world_size: int = 1, quiet: bool = False) -> dict:
     """Generate the missing images of ``out``; ``prompts[c]`` is class c's prompt. Returns counts."""
     out = Path(out)
     jobs = missing_jobs(out, names, per_class)[rank::world_size]
     shape = latent_shape(sampler)
-    device = uncond.device
+    device = sampler.codec.device
     with torch.no_grad():
-        embeds = torch.cat([sampler.encode_prompt([p]) for p in prompts])
+        one_by_one = [sampler.prompt_encoder([p]) for p in prompts]
+        embeds = {k: torch.cat([e[k] for e in one_by_one]) for k in one_by_one[0]}
     log_path = out / (f"synthesis.rank{rank}.csv" if world_size > 1 else "synthesis.csv")
     out.mkdir(parents=True, exist_ok=True)
     new_log = not log_path.is_file()
@@ -72,12 +73,13 @@ def synthesize(sampler, prompts: Sequence[str], names: Sequence[str], out: Path,
         for start in tqdm(range(0, len(jobs), batch_size), desc=f"synthesize {out.name}", disable=quiet):
             batch = jobs[start:start + batch_size]
             latents = torch.stack([noise_for(seed, c, k, shape) for c, k in batch]).to(device)
-            cond = embeds[[c for c, _ in batch]]
+            rows = [c for c, _ in batch]
+            cond = {k: v[rows] for k, v in embeds.items()}
             result = sampler(cond, uncond, latents=latents, num_inference_steps=steps,
                              guided_steps=None if guided else [])
             for (c, k), image in zip(batch, result.images.float().cpu()):
                 _save(image, image_path(out, c, names[c], k), save_size)
-            losses = result.bn_losses or [float("nan")]
+            losses = result.guidance_losses or [float("nan")]
             writer.writerow([batch[0][0], batch[0][1], len(batch), losses[0], losses[-1]])
             f.flush()
     return {"generated": len(jobs), "total": per_class * len(names)}

@@ -69,7 +69,7 @@ def _prompts_and_sampler(method: str, world, preset, out: Path, rc: TinyRun, log
         parts["text_encoder"] = copy.deepcopy(world["text_encoder"])
     sampler = build_sampler(preset, parts, world["teacher"], scheduler)
     with torch.no_grad():
-        uncond = sampler.encode_prompt([""])
+        uncond = sampler.prompt_encoder([""])
     if method != "dag_cat":
         return sampler, [f"a {n}" for n in DIGIT_NAMES], uncond, []
     cat_dir = out / "cat"

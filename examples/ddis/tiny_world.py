@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddg_models import PromptEncoder, VAECodec
+
 from ..common.digits import DIGIT_NAMES, digits_split
 from ..common.tiny_text import build_word_tokenizer, tiny_text_encoder
 
@@ -137,8 +139,7 @@ def train_vae(vae, x: torch.Tensor, steps: int, batch_size: int, generator: torc
     vae.train()
     for _ in range(steps):
         xb = x[torch.randint(0, len(x), (batch_size,), generator=generator)] * 2 - 1
-        post = vae.encode(xb).latent_dist
-        rec = vae.decode(post.sample(generator=generator)).sample
+        rec, post = VAECodec(vae).reconstruct(xb, generator=generator)
         loss = F.l1_loss(rec, xb) + F.mse_loss(rec, xb) + kl_weight * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -158,8 +159,8 @@ def train_unet(unet, vae, text_encoder, tokenizer, x: torch.Tensor, y: torch.Ten
         latents = vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor
         variants = [""] + [w + " " for w in FILLER_WORDS]
         prompts = [f"a {v}{n}" for n in DIGIT_NAMES for v in variants] + [""]
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        return_tensors="pt").input_ids
+        encoder = PromptEncoder.clip(tokenizer, text_encoder)
+        ids = encoder.token_ids(prompts)
     opt = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=2e-3, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     unet.train(), text_encoder.train()
@@ -172,7 +173,7 @@ def train_unet(unet, vae, text_encoder, tokenizer, x: torch.Tensor, y: torch.Ten
         noise = torch.randn(z0.shape, generator=generator)
         t = torch.randint(0, T, (batch_size,), generator=generator)
         zt = scheduler.add_noise(z0, noise, t)
-        pred = unet(zt, t, encoder_hidden_states=text_encoder(ids[prompt])[0]).sample
+        pred = unet(zt, t, **encoder.encode_ids(ids[prompt])).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,7 +1,7 @@
 """One DP-DMD iteration (specs/dpdmd.md §2.3-2.5), shared by the 2-D toy and the SD3 pipeline.
 
 A ``Distiller`` holds the three networks (generator = FewStepGenerator over the student, frozen
-CFGTeacher, fake score), their optimizers and losses; ``step(iteration, noise, cond, uncond)`` does
+GuidedTeacher, fake score), their optimizers and losses; ``step(iteration, noise, cond, uncond)`` does
 what the TTUR schedule says for that iteration. The generator is a FewStepGenerator
 (DP-DMD) or a BackwardSimulationGenerator with epsilon noise schedules and ttur_mode='every_step' (DMD2
 without its GAN). The networks are whatever ``accelerator.prepare``
@@ -55,7 +55,11 @@ class Distiller:
         self.anchor_loss = AnchorLoss(config.anchor_weight)
 
     def _fake_score(self, cond):
-        return lambda x_t, t: model_prediction(self.fake, x_t, t, cond)
+        return lambda x_t, t: model_prediction(self.fake, x_t, t, cond).to(x_t.dtype)
+
+    def _real_score(self, cond, uncond):
+        # The teacher answers in fp32 whatever its weights; the fused DMD op takes one dtype, the sample's.
+        return lambda x_t, t: tuple(p.to(x_t.dtype) for p in self.teacher.pair(x_t, t, cond, uncond))
 
     def _update(self, loss: torch.Tensor, module, optimizer) -> float:
         self.accelerator.backward(loss)
@@ -77,8 +81,8 @@ class Distiller:
         """DMD loss on the rollout's output (+ the anchor loss on its first velocity when anchor_steps > 0)."""
         c = self.config
         out = self.generator(noise, cond)
-        dmd = self.dmd_loss.noised(out.sample, lambda x_t, t: self.teacher.predict_pair(x_t, t, cond, uncond),
-                                   self._fake_score(cond), self.dmd_schedule, generator=generator)
+        dmd = self.dmd_loss.noised(out.sample, self._real_score(cond, uncond), self._fake_score(cond),
+                                   self.dmd_schedule, generator=generator)
         loss, logs = dmd.loss, {"dmd_loss": float(dmd.loss.detach()), "dmd_denom": float(dmd.denom.mean())}
         if c.anchor_steps > 0:
             if out.first_velocity is None:

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ddg_losses import FlowMatchingNoise
-from ddg_models import CFGTeacher, FewStepGenerator, shifted_flow_sigmas
+from ddg_models import FewStepGenerator, GuidedTeacher, PromptEncoder, VAECodec, shifted_flow_sigmas
 
 from ..common.sample_metrics import mean_pairwise_cosine
 from ..common.tables import write_json
@@ -74,13 +74,9 @@ def load_teacher_pipeline(path: Path, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: List[str], max_sequence_length: int, device):
+def encode_prompts(encoder: PromptEncoder, prompts: List[str]):
     """(cond, uncond) conditionings of SD3Transformer2DModel; the negative prompt is "" as in the reference."""
-    pe, npe, pooled, npooled = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
-                                                  do_classifier_free_guidance=True, negative_prompt=[""] * len(prompts),
-                                                  max_sequence_length=max_sequence_length)
-    return ({"encoder_hidden_states": pe, "pooled_projections": pooled},
-            {"encoder_hidden_states": npe, "pooled_projections": npooled})
+    return encoder(prompts), encoder([""] * len(prompts))
 
 
 def latent_shape(pipe, batch: int, resolution: int):
@@ -88,14 +84,6 @@ def latent_shape(pipe, batch: int, resolution: int):
     if resolution % (factor * pipe.transformer.config.patch_size):
         raise ValueError(f"resolution {resolution} must be a multiple of {factor * pipe.transformer.config.patch_size}")
     return (batch, pipe.transformer.config.in_channels, resolution // factor, resolution // factor)
-
-
-@torch.no_grad()
-def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1] (SD3's VAE: scaling and shift factors)."""
-    cfg = pipe.vae.config
-    latents = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-    return (pipe.vae.decode(latents.to(pipe.vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -111,10 +99,10 @@ def evaluate(generator, pipe, embedder, prompts: List[str], p: SD3Preset, accele
     diversities, grid = [], []
     for index in mine:
         prompt = prompts[index % len(prompts)]
-        cond, _ = encode_prompts(pipe, [prompt] * n, p.max_sequence_length, accelerator.device)
+        cond = PromptEncoder.from_pipeline(pipe, p.max_sequence_length)([prompt] * n)
         noise = torch.cat([torch.randn(latent_shape(pipe, 1, p.resolution), generator=torch.Generator().manual_seed(s))
                            for s in range(n)]).to(accelerator.device, pipe.transformer.dtype)
-        images = decode(pipe, generator(noise, cond).sample)
+        images = VAECodec(pipe.vae).to_images(generator(noise, cond).sample)
         if embedder is not None:
             div = 1 - mean_pairwise_cosine(embedder(images))
             diversities.append(torch.stack([div.float(), torch.tensor(float(index < len(prompts)))]))
@@ -151,7 +139,8 @@ def run_sd3(run: SD3Run, accelerator) -> Dict:
         fake.enable_gradient_checkpointing()
     c = p.distill
     generator = FewStepGenerator(student.train(), p.student_steps, shift, c.detach_first_step)
-    teacher = CFGTeacher(pipe.transformer, c.guidance_scale)
+    teacher = GuidedTeacher(pipe.transformer, "velocity", c.guidance_scale)
+    prompt_encoder = PromptEncoder.from_pipeline(pipe, p.max_sequence_length)
     gen_opt = torch.optim.AdamW(generator.parameters(), lr=p.lr_generator, weight_decay=0.0)
     fake_opt = torch.optim.AdamW(fake.train().parameters(), lr=p.lr_fake, weight_decay=0.0)
     generator, fake, gen_opt, fake_opt = accelerator.prepare(generator, fake, gen_opt, fake_opt)
@@ -173,7 +162,7 @@ def run_sd3(run: SD3Run, accelerator) -> Dict:
     for it in tqdm(range(state["iteration"], total), desc="dp-dmd", disable=quiet):
         start = (it * world + accelerator.process_index) * batch
         batch_prompts = [prompts[order[(start + j) % len(prompts)]] for j in range(batch)]
-        cond, uncond = encode_prompts(pipe, batch_prompts, p.max_sequence_length, accelerator.device)
+        cond, uncond = encode_prompts(prompt_encoder, batch_prompts)
         # Same seed on every rank for the noise and the timestep, as the reference (spec §2.3).
         rng = torch.Generator().manual_seed(p.seed + it)
         noise = torch.randn(latent_shape(pipe, batch, p.resolution), generator=rng).to(accelerator.device, dtype)

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ddg_losses import FlowMatchingNoise
-from ddg_models import CFGTeacher, FewStepGenerator, shifted_flow_sigmas
+from ddg_models import FewStepGenerator, GuidedTeacher, shifted_flow_sigmas
 
 from ..common.rng import atomic_save
 from ..common.sample_metrics import energy_distance, mean_pairwise_distance, nearest_center_counts
@@ -151,7 +151,7 @@ def distill(method: str, p: ToyPreset, teacher_net: VelocityMLP, data: RingMixtu
     config = replace(p.distill, **METHODS[method])
     accelerator = Accelerator(cpu=cpu)  # one per student: its save_state holds this student's modules only
     torch.manual_seed(p.seed)
-    teacher = CFGTeacher(copy.deepcopy(teacher_net), config.guidance_scale).to(accelerator.device)
+    teacher = GuidedTeacher(copy.deepcopy(teacher_net), "velocity", config.guidance_scale).to(accelerator.device)
     # The fake score starts from the teacher's weights (as in DP-DMD); the student from p.student_init.
     generator = FewStepGenerator(initial_student(p, teacher_net, data), p.student_steps, config.shift,
                                  config.detach_first_step)
@@ -232,7 +232,7 @@ def _run_tiny(p: ToyPreset, out: Path, methods, resume: bool, quiet: bool, cpu: 
     data = RingMixture(p.num_conditions, p.modes_per_condition, p.radius, p.std, p.mode_decay)
     t0 = time.perf_counter()
     teacher_net = train_teacher(p, data, out, quiet)
-    teacher = CFGTeacher(copy.deepcopy(teacher_net), p.distill.guidance_scale)
+    teacher = GuidedTeacher(copy.deepcopy(teacher_net), "velocity", p.distill.guidance_scale)
     sample_teacher = lambda z, c, u: teacher.rollout(z, c, u, p.distill.teacher_steps,  # noqa: E731
                                                       p.distill.teacher_steps, p.distill.shift)[0]
     # Two independent teacher sample sets: one is the reference, the other shows the metrics' noise floor.

@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ddg_models import ClassAlignmentTokens, ClassifierPreprocess, DAGSampler  # noqa: E402
+from ddg_losses import BNGuidanceLoss  # noqa: E402
+from ddg_models import (ClassAlignmentTokens, ClassifierPreprocess, DAGSampler, GuidedTeacher,  # noqa: E402
+                        PromptEncoder, VAECodec)
 from examples.common.tiny_text import build_word_tokenizer, tiny_text_encoder  # noqa: E402
 from examples.ddis import cat, distill, synthesize, train  # noqa: E402
 from examples.ddis.presets import PRESETS  # noqa: E402
@@ -43,15 +45,16 @@ def tiny_sampler(tmp_path, bn_batch="per_image"):
     teacher = TinyBNNet((4, 8), num_classes=2)
     for part in (unet, vae, encoder, teacher):
         part.requires_grad_(False).eval()
-    sampler = DAGSampler(unet, vae, DDIMScheduler(clip_sample=False, timestep_spacing="trailing"), teacher,
-                         text_encoder=encoder, tokenizer=tokenizer, preprocess=ClassifierPreprocess(), eta=0.5,
-                         guidance_scale=2.0, bn_batch=bn_batch)
+    sampler = DAGSampler(GuidedTeacher(unet, "epsilon", 2.0), VAECodec(vae),
+                         DDIMScheduler(clip_sample=False, timestep_spacing="trailing"),
+                         BNGuidanceLoss(teacher, ClassifierPreprocess(), batch=bn_batch),
+                         prompt_encoder=PromptEncoder.clip(tokenizer, encoder), eta=0.5)
     return sampler, teacher
 
 
 def run_synthesis(sampler, out, per_class=2):
     with torch.no_grad():
-        uncond = sampler.encode_prompt([""])
+        uncond = sampler.prompt_encoder([""])
     return synthesize.synthesize(sampler, [f"a {n}" for n in NAMES], NAMES, out, per_class=per_class, batch_size=3,
                                  steps=3, seed=7, uncond=uncond, quiet=True)
 
@@ -77,17 +80,17 @@ def test_synthesis_resume_skips_existing_and_regenerates_identically(tmp_path):
 
 def test_cat_loop_moves_only_token_rows_and_skips_finished_groups(tmp_path):
     sampler, teacher = tiny_sampler(tmp_path, bn_batch="batch")
-    tokens = ClassAlignmentTokens(sampler.tokenizer, sampler.text_encoder, NAMES)
-    before = {n: p.detach().clone() for n, p in sampler.text_encoder.named_parameters()}
+    tokens = ClassAlignmentTokens(sampler.prompt_encoder.tokenizer, sampler.prompt_encoder.text_encoder, NAMES)
+    before = {n: p.detach().clone() for n, p in sampler.prompt_encoder.text_encoder.named_parameters()}
     preset = PRESETS["tiny"].with_overrides(steps=3, cat_epochs=3, cat_prompts_per_epoch=1, cat_batch=2,
                                             cat_lr=0.01, cat_joint=False, cat_patience=5, cat_threshold=2.0,
                                             cat_grad_steps=3)  # the full gradient: small steps lower the loss
     with torch.no_grad():
-        uncond = sampler.encode_prompt([""])
+        uncond = sampler.prompt_encoder([""])
     rows = cat.train_class_tokens(sampler, tokens, teacher, ClassifierPreprocess(), preset, tmp_path / "cat",
                                   uncond, quiet=True, log=lambda m: None)
     assert [r["classes"] for r in rows] == ["0"] * 3 + ["1"] * 3 and all(r["grad_norm"] > 0 for r in rows)
-    for name, p in sampler.text_encoder.named_parameters():
+    for name, p in sampler.prompt_encoder.text_encoder.named_parameters():
         changed = torch.nonzero((p - before[name]).abs().flatten(1).sum(1) if p.dim() > 1 else
                                 (p - before[name]).abs()).flatten().tolist()
         # A group keeps the rows of its lowest-loss epoch: they moved unless that was epoch 0.

@@ -107,13 +107,13 @@ def test_distiller_updates_route_to_the_right_network():
     from accelerate import Accelerator
 
     from ddg_losses import FlowMatchingNoise
-    from ddg_models import CFGTeacher, FewStepGenerator, shifted_flow_sigmas
+    from ddg_models import FewStepGenerator, GuidedTeacher, shifted_flow_sigmas
     from examples.dpdmd.method import DistillConfig, Distiller
     from examples.dpdmd.toy_models import VelocityMLP
 
     torch.manual_seed(0)
     net = VelocityMLP(3, width=32, depth=2)
-    teacher = CFGTeacher(VelocityMLP(3, width=32, depth=2).requires_grad_(False), 2.0)
+    teacher = GuidedTeacher(VelocityMLP(3, width=32, depth=2).requires_grad_(False), "velocity", 2.0)
     teacher.model.load_state_dict(net.state_dict())
     generator, fake = FewStepGenerator(VelocityMLP(3, width=32, depth=2)), VelocityMLP(3, width=32, depth=2)
     lr, clip = 0.5, 1e-3
@@ -123,20 +123,53 @@ def test_distiller_updates_route_to_the_right_network():
     d = Distiller(config, Accelerator(cpu=True), generator, teacher, fake, gen_opt, fake_opt, schedule, schedule)
     labels = torch.randint(0, 3, (16,))
     cond, uncond = {"label": labels}, {"label": torch.full_like(labels, 3)}
-    g0, f0, t0 = _params(generator), _params(fake), _params(teacher)
+    g0, f0, t0 = _params(generator), _params(fake), _params(teacher.model)
     logs = d.step(0, torch.randn(16, 2), cond, uncond)  # ratio 1: iteration 0 is a fake update
     assert set(logs) == {"fake_loss", "fake_grad_norm"}
-    assert all(_changed(f0, fake)) and not any(_changed(g0, generator)) and not any(_changed(t0, teacher))
+    assert all(_changed(f0, fake)) and not any(_changed(g0, generator)) and not any(_changed(t0, teacher.model))
     f1 = _params(fake)
     logs = d.step(1, torch.randn(16, 2), cond, uncond)
     assert {"dmd_loss", "anchor_loss", "generator_grad_norm"} <= set(logs) and logs["generator_grad_norm"] > clip
-    assert any(_changed(g0, generator)) and not any(_changed(f1, fake)) and not any(_changed(t0, teacher))
+    assert any(_changed(g0, generator)) and not any(_changed(f1, fake)) and not any(_changed(t0, teacher.model))
     step = torch.cat([(a - b).flatten() for a, b in zip(g0, _params(generator))]).norm()
     assert step <= lr * clip * (1 + 1e-4)  # SGD step = lr * clipped gradient
 
 
 def _rows(path):
     return list(csv.DictReader(open(path)))
+
+
+def test_bf16_teacher_serves_an_fp32_generator():
+    """The SD3 launch's dtypes: a bf16 teacher transformer (not prepared by accelerate) and an fp32 generator
+    output; the real score and the anchor rollout come back in fp32 and one generator step updates the student."""
+    from accelerate import Accelerator
+    from diffusers import SD3Transformer2DModel
+
+    from ddg_losses import FlowMatchingNoise
+    from ddg_models import FewStepGenerator, GuidedTeacher, shifted_flow_sigmas
+    from examples.dpdmd.method import DistillConfig, Distiller
+
+    def tiny(dtype):
+        torch.manual_seed(0)
+        return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                     caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8).to(dtype)
+
+    teacher = GuidedTeacher(tiny(torch.bfloat16), "velocity", 3.5)
+    generator, fake = FewStepGenerator(tiny(torch.float32), 2), tiny(torch.float32)
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (generator, fake)]
+    schedule = FlowMatchingNoise(shifted_flow_sigmas(1000)[:-1], per_sample=True)
+    config = DistillConfig(guidance_scale=3.5, fake_per_generator=1, anchor_steps=2, teacher_steps=4)
+    d = Distiller(config, Accelerator(cpu=True), generator, teacher, fake, *opts, schedule, schedule)
+    cond = {"encoder_hidden_states": torch.randn(2, 5, 16), "pooled_projections": torch.randn(2, 8)}
+    uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
+    noise = torch.randn(2, 4, 8, 8)
+    z_k, _ = teacher.rollout(noise, cond, uncond, 4, 2)
+    assert z_k.dtype == torch.float32
+    before = [p.detach().clone() for p in generator.parameters()]
+    logs = d.generator_step(noise, cond, uncond, generator=torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values()) and "anchor_loss" in logs
+    assert any(not torch.equal(a, b) for a, b in zip(before, generator.parameters()))
 
 
 def test_sd3_pipeline_smoke_resume_and_student_export(tmp_path):
@@ -201,12 +234,12 @@ def test_distiller_runs_the_dmd2_epsilon_variant():
     from accelerate import Accelerator
 
     from ddg_losses import DDPMNoise
-    from ddg_models import BackwardSimulationGenerator, CFGTeacher
+    from ddg_models import BackwardSimulationGenerator, GuidedTeacher
     from examples.dpdmd.method import DistillConfig, Distiller
     from examples.dpdmd.toy_models import VelocityMLP
 
     ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
-    teacher = CFGTeacher(VelocityMLP(3, width=32, depth=2), 1.75, prediction="epsilon")
+    teacher = GuidedTeacher(VelocityMLP(3, width=32, depth=2), "epsilon", 1.75)
     generator = BackwardSimulationGenerator(VelocityMLP(3, width=32, depth=2), ab)
     fake = VelocityMLP(3, width=32, depth=2)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (generator, fake)]

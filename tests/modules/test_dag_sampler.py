@@ -1,7 +1,8 @@
-"""DAGSampler against a hand-written DAG loop (the DDIS code's step: decode z_t, clamp, nearest resize, unsquared
-DeepInversion BN loss with its own hooks, z - eta * grad, CFG, scheduler.step) on a tiny diffusers pipeline;
-the Tweedie-x0 option; per-image statistics; eta schedules; gradient routing (no UNet graph during guided
-steps, the last step's graph reaches the text embeddings); ClassifierPreprocess; bad inputs."""
+"""DAGSampler (GuidedTeacher + VAECodec + BNGuidanceLoss) against a hand-written DAG loop (the DDIS code's step:
+decode z_t, clamp, nearest resize, unsquared DeepInversion BN loss with its own hooks, z - eta * grad, CFG,
+scheduler.step) on a tiny diffusers pipeline; the Tweedie-x0 option; per-image statistics; eta schedules;
+gradient routing (no UNet graph during guided steps, the last step's graph reaches the text embeddings);
+ClassifierPreprocess; bad inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,8 @@ from torch import nn
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel  # noqa: E402
 
-from ddg_models import ClassifierPreprocess, DAGSampler  # noqa: E402
+from ddg_losses import BNGuidanceLoss  # noqa: E402
+from ddg_models import ClassifierPreprocess, DAGSampler, GuidedTeacher, VAECodec  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 EMBED = 16
@@ -35,6 +37,17 @@ def tiny_parts():
     for part in (unet, vae, classifier):
         part.requires_grad_(False)
     return unet, vae, classifier.eval()
+
+
+def make_sampler(unet, vae, scheduler, classifier, *, preprocess=None, guidance_scale=10.0, bn_batch="per_image",
+                 **kwargs):
+    teacher = GuidedTeacher(unet, scheduler.config.prediction_type, guidance_scale)
+    loss = BNGuidanceLoss(classifier, preprocess, batch=bn_batch)
+    return DAGSampler(teacher, VAECodec(vae), scheduler, loss, **kwargs)
+
+
+def ctx(embeds):
+    return {"encoder_hidden_states": embeds}
 
 
 def sd_scheduler(kind):
@@ -99,14 +112,14 @@ def test_matches_hand_written_loop(kind, target):
     # fp64 models and latents; what remains is the schedulers' fp32 alpha tables (~1e-7).
     unet, vae, classifier = (m.double() for m in tiny_parts())
     cond, uncond, latents = (x.double() for x in inputs())
-    sampler = DAGSampler(unet, vae, sd_scheduler(kind), classifier, preprocess=ClassifierPreprocess.ddis_code(12),
+    sampler = make_sampler(unet, vae, sd_scheduler(kind), classifier, preprocess=ClassifierPreprocess.ddis_code(12),
                          eta=0.05, guidance_scale=4.0, guide_target=target, bn_batch="batch")
-    out = sampler(cond, uncond, latents=latents.clone(), num_inference_steps=4)
+    out = sampler(ctx(cond), ctx(uncond), latents=latents.clone(), num_inference_steps=4)
     ref, ref_losses = reference_sample(unet, vae, classifier, sd_scheduler(kind), cond, uncond, latents, 4, 0.05,
                                        4.0, 12, target)
     torch.testing.assert_close(out.latents, ref, atol=1e-6, rtol=1e-6)
-    assert out.bn_losses == pytest.approx(ref_losses, rel=1e-6)
-    plain = sampler(cond, uncond, latents=latents.clone(), num_inference_steps=4, guided_steps=[])
+    assert out.guidance_losses == pytest.approx(ref_losses, rel=1e-6)
+    plain = sampler(ctx(cond), ctx(uncond), latents=latents.clone(), num_inference_steps=4, guided_steps=[])
     assert not torch.allclose(plain.latents, out.latents, atol=1e-4)  # the guidance did something
     torch.testing.assert_close(out.images, (vae.decode(ref / 0.5).sample / 2 + 0.5).clamp(0, 1), atol=1e-6,
                                rtol=1e-6)
@@ -117,40 +130,40 @@ def test_x0_guidance_through_the_unet_matches_full_autograd():
     cond, uncond, latents = (x.double() for x in inputs())
     kw = dict(preprocess=ClassifierPreprocess.ddis_code(12), eta=0.05, guidance_scale=4.0, guide_target="x0",
               bn_batch="batch")
-    through = DAGSampler(unet, vae, sd_scheduler("ddim"), classifier, x0_unet_grad=True, **kw)
-    out = through(cond, uncond, latents=latents.clone(), num_inference_steps=4)
+    through = make_sampler(unet, vae, sd_scheduler("ddim"), classifier, x0_unet_grad=True, **kw)
+    out = through(ctx(cond), ctx(uncond), latents=latents.clone(), num_inference_steps=4)
     ref, _ = reference_sample(unet, vae, classifier, sd_scheduler("ddim"), cond, uncond, latents, 4, 0.05, 4.0, 12,
                               "x0", unet_grad=True)
     torch.testing.assert_close(out.latents, ref, atol=1e-6, rtol=1e-6)
-    constant = DAGSampler(unet, vae, sd_scheduler("ddim"), classifier, **kw)
-    assert not torch.allclose(constant(cond, uncond, latents=latents.clone(), num_inference_steps=4).latents, ref,
-                              atol=1e-6)  # the UNet Jacobian term changes the update
+    constant = make_sampler(unet, vae, sd_scheduler("ddim"), classifier, **kw)
+    plain_x0 = constant(ctx(cond), ctx(uncond), latents=latents.clone(), num_inference_steps=4).latents
+    assert not torch.allclose(plain_x0, ref, atol=1e-6)  # the UNet Jacobian term changes the update
     assert all(p.grad is None for p in unet.parameters())  # autograd.grad w.r.t. z only
     with pytest.raises(ValueError, match="x0_unet_grad"):
-        DAGSampler(unet, vae, sd_scheduler("ddim"), classifier, x0_unet_grad=True)
+        make_sampler(unet, vae, sd_scheduler("ddim"), classifier, x0_unet_grad=True)
 
 
 def test_guidance_lowers_the_bn_loss():
     unet, vae, classifier = tiny_parts()
     cond, uncond, latents = inputs(n=4)
-    sampler = DAGSampler(unet, vae, sd_scheduler("ddim"), classifier, preprocess=ClassifierPreprocess(),
+    sampler = make_sampler(unet, vae, sd_scheduler("ddim"), classifier, preprocess=ClassifierPreprocess(),
                          eta=2.0, guidance_scale=2.0, bn_batch="batch")
-    before = float(sampler.bn_loss_of(sampler.decode(latents)))
+    before = float(sampler.guidance_loss(sampler.codec.decode(latents)))
     z = latents
     for _ in range(5):
-        z, _ = sampler.guide(z, torch.tensor(500), 2.0, None)
-    assert float(sampler.bn_loss_of(sampler.decode(z))) < before
+        z, _ = sampler.guide(z, torch.tensor(500), 2.0, None, None)
+    assert float(sampler.guidance_loss(sampler.codec.decode(z))) < before
 
 
 def test_per_image_loss_is_sum_of_single_image_losses():
     unet, vae, classifier = tiny_parts()
     _, _, latents = inputs(n=3)
-    sampler = DAGSampler(unet, vae, sd_scheduler("ddim"), classifier, preprocess=ClassifierPreprocess(),
+    sampler = make_sampler(unet, vae, sd_scheduler("ddim"), classifier, preprocess=ClassifierPreprocess(),
                          bn_batch="per_image")
     with torch.no_grad():
-        decoded = sampler.decode(latents)
+        decoded = sampler.codec.decode(latents)
         expected = sum(reference_bn_loss(classifier, (d[None] / 2 + 0.5).clamp(0, 1)) for d in decoded)
-        torch.testing.assert_close(sampler.bn_loss_of(decoded), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sampler.guidance_loss(decoded), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_eta_schedule_and_no_unet_graph_while_guiding():
@@ -160,11 +173,11 @@ def test_eta_schedule_and_no_unet_graph_while_guiding():
     unet.register_forward_hook(lambda m, a, o: grad_modes.append(torch.is_grad_enabled()))
     common = dict(preprocess=ClassifierPreprocess(), guidance_scale=3.0, bn_batch="batch")
     seen = []
-    scheduled = DAGSampler(unet, vae, sd_scheduler("ddim"), classifier,
+    scheduled = make_sampler(unet, vae, sd_scheduler("ddim"), classifier,
                            eta=lambda i, t: seen.append((i, t)) or (0.0 if i == 1 else 0.1), **common)
-    listed = DAGSampler(unet, vae, sd_scheduler("ddim"), classifier, eta=[0.1, 0.0, 0.1, 0.1], **common)
-    a = scheduled(cond, uncond, latents=latents.clone(), num_inference_steps=4)
-    b = listed(cond, uncond, latents=latents.clone(), num_inference_steps=4)
+    listed = make_sampler(unet, vae, sd_scheduler("ddim"), classifier, eta=[0.1, 0.0, 0.1, 0.1], **common)
+    a = scheduled(ctx(cond), ctx(uncond), latents=latents.clone(), num_inference_steps=4)
+    b = listed(ctx(cond), ctx(uncond), latents=latents.clone(), num_inference_steps=4)
     torch.testing.assert_close(a.latents, b.latents)
     assert [i for i, _ in seen] == [0, 1, 2] and isinstance(seen[0][1], int)
     assert not any(grad_modes)  # the UNet never ran with autograd on
@@ -175,15 +188,15 @@ def test_last_step_carries_the_gradient_to_the_embeddings(kind, modes):
     unet, vae, classifier = tiny_parts()
     cond, uncond, latents = inputs()
     cond.requires_grad_(True)
-    sampler = DAGSampler(unet, vae, sd_scheduler(kind), classifier, preprocess=ClassifierPreprocess(),
+    sampler = make_sampler(unet, vae, sd_scheduler(kind), classifier, preprocess=ClassifierPreprocess(),
                          eta=0.1, guidance_scale=3.0)
     seen = []
     unet.register_forward_hook(lambda m, a, o: seen.append(torch.is_grad_enabled()))
-    out = sampler(cond, uncond, latents=latents, num_inference_steps=3, grad_steps=1)
+    out = sampler(ctx(cond), ctx(uncond), latents=latents, num_inference_steps=3, grad_steps=1)
     assert seen == modes  # a graph for the unguided tail only (PNDM: its two tail timesteps, as DDIS)
     grad, = torch.autograd.grad(out.images.sum(), cond)
     assert grad.abs().sum() > 0
-    assert not sampler(cond, uncond, latents=latents, num_inference_steps=3).images.requires_grad
+    assert not sampler(ctx(cond), ctx(uncond), latents=latents, num_inference_steps=3).images.requires_grad
 
 
 def test_classifier_preprocess_variants():
@@ -200,36 +213,43 @@ def test_classifier_preprocess_variants():
 def test_bad_inputs():
     unet, vae, classifier = tiny_parts()
     sched = sd_scheduler("ddim")
-    with pytest.raises(ValueError, match="DAGSampler.*eval mode"):
-        DAGSampler(unet, vae, sched, classifier.train())
+    with pytest.raises(ValueError, match="BNGuidanceLoss.*eval mode"):
+        make_sampler(unet, vae, sched, classifier.train())
     classifier.eval()
     with pytest.raises(ValueError, match="guide_target"):
-        DAGSampler(unet, vae, sched, classifier, guide_target="x_t")
-    with pytest.raises(ValueError, match="bn_batch"):
-        DAGSampler(unet, vae, sched, classifier, bn_batch="all")
+        make_sampler(unet, vae, sched, classifier, guide_target="x_t")
+    with pytest.raises(ValueError, match="BNGuidanceLoss: 'batch'"):
+        make_sampler(unet, vae, sched, classifier, bn_batch="all")
     with pytest.raises(TypeError, match="DAGSampler.*eta"):
-        DAGSampler(unet, vae, sched, classifier, eta="big")
+        make_sampler(unet, vae, sched, classifier, eta="big")
     with pytest.raises(ValueError, match="antialias"):
         ClassifierPreprocess(size=8, mode="nearest", antialias=True)
     with pytest.raises(ValueError, match="mean.*std"):
         ClassifierPreprocess(mean=(0.5,))
-    sampler = DAGSampler(unet, vae, sched, classifier, preprocess=ClassifierPreprocess(), eta=[0.1])
+    sampler = make_sampler(unet, vae, sched, classifier, preprocess=ClassifierPreprocess(), eta=[0.1])
     cond, uncond, latents = inputs()
-    with pytest.raises(ValueError, match="cond_embeds"):
-        sampler(cond[:1], uncond, latents=latents)
+    with pytest.raises(ValueError, match=r"'cond\['encoder_hidden_states'\]' must be a floating tensor with 2 rows"):
+        sampler(ctx(cond[:1]), ctx(uncond), latents=latents)
+    with pytest.raises(TypeError, match="'cond' must be a non-empty conditioning dict"):
+        sampler(cond, ctx(uncond), latents=latents)
     with pytest.raises(ValueError, match="num_inference_steps"):
-        sampler(cond, uncond, latents=latents, num_inference_steps=0)
+        sampler(ctx(cond), ctx(uncond), latents=latents, num_inference_steps=0)
     with pytest.raises(ValueError, match="'eta' has 1 values"):
-        sampler(cond, uncond, latents=latents, num_inference_steps=3)
-    with pytest.raises(ValueError, match="encode_prompt.*text_encoder"):
-        sampler.encode_prompt(["a"])
+        sampler(ctx(cond), ctx(uncond), latents=latents, num_inference_steps=3)
+    with pytest.raises(TypeError, match="DAGSampler: 'teacher' must be a GuidedTeacher"):
+        DAGSampler(unet, VAECodec(vae), sched, sampler.guidance_loss)
+    with pytest.raises(TypeError, match="DAGSampler: 'guidance_loss' must be a callable"):
+        DAGSampler(sampler.teacher, VAECodec(vae), sched, None)
+    with pytest.raises(ValueError, match="DAGSampler: 'guidance_loss' must return a scalar"):
+        DAGSampler(sampler.teacher, VAECodec(vae), sched, lambda x: x.sum((1, 2, 3)))(
+            ctx(cond), ctx(uncond), latents=latents, num_inference_steps=2)
 
 
 @pytest.mark.parametrize("kind, steps", [("ddim", [3]), ("ddim", [-1]), ("pndm", [0, 4])])
 def test_guided_steps_outside_the_schedule_are_rejected(kind, steps):
     # They used to be ignored: the call returned plain CFG samples as if DAG had run.
     unet, vae, classifier = tiny_parts()
-    sampler = DAGSampler(unet, vae, sd_scheduler(kind), classifier.eval(), preprocess=ClassifierPreprocess())
+    sampler = make_sampler(unet, vae, sd_scheduler(kind), classifier.eval(), preprocess=ClassifierPreprocess())
     cond, uncond, latents = inputs()
     with pytest.raises(ValueError, match=r"DAGSampler.__call__: 'guided_steps' must be step indices in \[0, "):
-        sampler(cond, uncond, latents=latents, num_inference_steps=3, guided_steps=steps)
+        sampler(ctx(cond), ctx(uncond), latents=latents, num_inference_steps=3, guided_steps=steps)

@@ -1,15 +1,14 @@
-"""FewStepGenerator (shifted sigmas, Euler rollout, gradient flow: none into step 0 from the DMD term) and
-CFGTeacher (one batched [uncond; cond] call, the anchor rollout = diffusers' CFG Euler sampling) on plain
-modules, a tiny SD3Transformer2DModel and a tiny UNet2DConditionModel."""
+"""FewStepGenerator (shifted sigmas, Euler rollout, gradient flow: none into step 0 from the DMD term) and DMD2's
+BackwardSimulationGenerator on plain modules and a tiny SD3Transformer2DModel (the teacher's tests are in
+test_guided_teacher.py)."""
 import pytest
 import torch
 from torch import nn
 
 pytest.importorskip("diffusers")
-from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 from ddg_losses import AnchorLoss  # noqa: E402
-from ddg_models import CFGSampler, CFGTeacher, FewStepGenerator, model_prediction, shifted_flow_sigmas  # noqa: E402
+from ddg_models import FewStepGenerator, shifted_flow_sigmas  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,84 +81,17 @@ def test_generator_checks_inputs():
         gen(torch.zeros(5, 2), torch.zeros(5))
 
 
-class TwoHeads(nn.Module):
-    """v = a(x) for the null label 0, b(x) otherwise: CFG must mix exactly these."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
-
-    def forward(self, x, timestep, label):
-        s = (timestep / 1000)[:, None]
-        return torch.where(label[:, None] > 0, self.b(x) * (1 + s), self.a(x) * (1 - s))
-
-
-def test_teacher_is_frozen_and_guides_with_one_batched_call():
-    net = TwoHeads()
-    teacher = CFGTeacher(net, 3.5).train()
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-    x, t = torch.randn(4, 2), torch.full((4,), 600.0)
-    cond, uncond = {"label": torch.ones(4)}, {"label": torch.zeros(4)}
-    u, c = teacher.predict_pair(x, t, cond, uncond)
-    torch.testing.assert_close(u, net(x, t, uncond["label"]))
-    torch.testing.assert_close(c, net(x, t, cond["label"]))
-    torch.testing.assert_close(teacher(x, t, cond, uncond), u + 3.5 * (c - u))
-
-
-def test_teacher_rollout_equals_diffusers_cfg_euler_sampling():
-    teacher = CFGTeacher(TwoHeads(), 3.5)
-    x1 = torch.randn(4, 2)
-    cond, uncond = {"label": torch.ones(4)}, {"label": torch.zeros(4)}
-    z, sigma = teacher.rollout(x1, cond, uncond, num_inference_steps=30, steps=30)
-    sampler = CFGSampler(lambda x, t, e: teacher.model(x, t.expand(x.shape[0]), e),
-                         FlowMatchEulerDiscreteScheduler(shift=3.0), 3.5)
-    ref = sampler(x1, torch.ones(4), torch.zeros(4), 30)
-    assert sigma == 0.0
-    torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
-    z10, sigma10 = teacher.rollout(x1, cond, uncond, 30, 10)
-    assert abs(sigma10 - 0.8513) < 1e-3
-    with pytest.raises(ValueError, match="CFGTeacher.rollout: 'steps' must be an int"):
-        teacher.rollout(x1, cond, uncond, 30, 31)
-
-
-def test_sd3_transformer_through_generator_and_teacher():
+def test_sd3_transformer_through_the_generator():
     from diffusers import SD3Transformer2DModel
 
-    def tiny():
-        torch.manual_seed(0)
-        return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
-                                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                     caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8)
-
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8)
     cond = {"encoder_hidden_states": torch.randn(2, 5, 16), "pooled_projections": torch.randn(2, 8)}
-    uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
     x1 = torch.randn(2, 4, 8, 8)
-    out = FewStepGenerator(tiny())(x1, cond)
+    out = FewStepGenerator(model)(x1, cond)
     assert out.sample.shape == x1.shape and out.sample.requires_grad
-    teacher = CFGTeacher(tiny(), 3.5)
-    u, c = teacher.predict_pair(x1, 1000.0, cond, uncond)
-    ref = teacher.model(x1, timestep=torch.full((2,), 1000.0), return_dict=False, **cond)[0]
-    torch.testing.assert_close(c, ref, rtol=1e-4, atol=1e-5)
-
-
-def test_unet_epsilon_teacher_pair():
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-                                attention_head_dim=2, norm_num_groups=4)
-    teacher = CFGTeacher(unet, 1.75, prediction="epsilon")
-    x_t = torch.randn(2, 4, 8, 8)
-    cond = {"encoder_hidden_states": torch.randn(2, 3, 8)}
-    uncond = {"encoder_hidden_states": torch.zeros(2, 3, 8)}
-    u, c = teacher.predict_pair(x_t, torch.tensor([10.0, 500.0]), cond, uncond)
-    torch.testing.assert_close(c, model_prediction(unet, x_t, torch.tensor([10.0, 500.0]), cond), rtol=1e-4,
-                               atol=1e-5)
-    with pytest.raises(ValueError, match="CFGTeacher.rollout: the Euler rollout needs a flow-matching"):
-        teacher.rollout(x_t, cond, uncond, 30, 5)
-    with pytest.raises(ValueError, match="CFGTeacher: 'prediction' must be one of"):
-        CFGTeacher(unet, 1.0, prediction="sample")
 
 
 class EpsMLP(nn.Module):

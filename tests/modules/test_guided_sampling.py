@@ -1,12 +1,12 @@
-"""The fused guidance step equals diffusers' own CFG + scheduler.step, and a CFGSampler
-run equals StableDiffusionPipeline on a tiny real UNet2DConditionModel."""
+"""The fused guidance step equals diffusers' own CFG + scheduler.step, and GuidedTeacher's sampling
+loop equals StableDiffusionPipeline on a tiny real UNet2DConditionModel."""
 import pytest
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
                        StableDiffusionPipeline, UNet2DConditionModel)
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-from ddg_models import CFGSampler, FusedGuidanceStep, unet_denoiser
+from ddg_models import FusedGuidanceStep, GuidedTeacher
 from ddg_ops import reference
 
 pytestmark = pytest.mark.requires_ext
@@ -79,5 +79,6 @@ def test_sampler_matches_stable_diffusion_pipeline(rescale):
     latents = torch.randn(2, 4, 16, 16)
     expected = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents.clone(), num_inference_steps=8,
                     guidance_scale=7.5, guidance_rescale=rescale, output_type="latent", height=128, width=128).images
-    ours = CFGSampler(unet_denoiser(unet), sd_ddim(), 7.5, rescale)(latents, cond, uncond, 8)
+    ours = GuidedTeacher(unet, "epsilon", 7.5, rescale).sample(latents, {"encoder_hidden_states": cond},
+                                                               {"encoder_hidden_states": uncond}, sd_ddim(), 8)
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-5)
