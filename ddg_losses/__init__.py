@@ -13,11 +13,11 @@ _LAZY = {
     # DDIS (issue 6)
     "KLDistillationLoss": "kd",
     # DP-DMD (issue 7)
-    "NoisedDMDOutput": "dmd", "FakeScoreLoss": "dpdmd_fake_score", "FakeScoreOutput": "dpdmd_fake_score",
-    "AnchorLoss": "dpdmd_anchor", "anchor_target": "dpdmd_anchor", "TwoTimeScaleSchedule": "dpdmd_schedule",
-    "FlowMatchingNoise": "dpdmd_noise", "DDPMNoise": "dpdmd_noise", "NoiseLevel": "dpdmd_noise",
+    "NoisedDMDOutput": "dmd", "FakeScoreLoss": "fake_score", "FakeScoreOutput": "fake_score",
+    "AnchorLoss": "dpdmd_anchor", "anchor_target": "dpdmd_anchor", "TwoTimeScaleSchedule": "two_time_scale",
+    "FlowMatchingNoise": "noise_levels", "DDPMNoise": "noise_levels", "NoiseLevel": "noise_levels",
     # DDG (issue 8)
-    "AlignmentLoss": "ddg", "DiffusionDistillationLoss": "ddg",
+    "AlignmentLoss": "guided_denoising", "DiffusionDistillationLoss": "guided_denoising",
 }
 
 __all__ = ["DistributionMatchingLoss", "BNStatAlignmentLoss", "GenDDLoss", "GenDDLossOutput", "GenDDDraws"]
