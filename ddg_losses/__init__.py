@@ -17,7 +17,7 @@ _LAZY = {
     "AnchorLoss": "dpdmd_anchor", "anchor_target": "dpdmd_anchor", "TwoTimeScaleSchedule": "two_time_scale",
     "FlowMatchingNoise": "noise_levels", "DDPMNoise": "noise_levels", "NoiseLevel": "noise_levels",
     # DDG (issue 8)
-    "AlignmentLoss": "guided_denoising", "DiffusionDistillationLoss": "guided_denoising",
+    "ImageTextAlignmentLoss": "image_text_alignment", "GuidedDenoisingLoss": "guided_denoising",
 }
 
 __all__ = ["DistributionMatchingLoss", "BNStatAlignmentLoss", "GenDDLoss", "GenDDLossOutput", "GenDDDraws"]

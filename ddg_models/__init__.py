@@ -21,11 +21,12 @@ _LAZY = {
     "model_prediction": "model_call", "concat_conditions": "model_call",
     "BackwardSimulationGenerator": "backward_simulation",
     # DDG (issue 8)
-    "DDGStudent": "ddg_student", "ZeroShotHead": "ddg_student", "encode_class_prompts": "ddg_student",
-    "build_backbone": "ddg_student", "CLIPVisionBackbone": "ddg_student", "FrozenBNResNetBackbone": "ddg_student",
-    "TorchvisionViTBackbone": "ddg_student", "BACKBONES": "ddg_student",
-    "ProbabilityWeightedPromptAdapter": "ddg_conditioning", "PatchTokenAdapter": "ddg_conditioning",
-    "StudentConditioning": "ddg_conditioning", "CONDITIONING_MODES": "ddg_conditioning",
+    "DDGStudent": "ddg_student", "ZeroShotHead": "zero_shot_head", "encode_class_prompts": "zero_shot_head",
+    "build_backbone": "vision_backbones", "CLIPVisionBackbone": "vision_backbones",
+    "FrozenBNResNetBackbone": "vision_backbones", "TorchvisionViTBackbone": "vision_backbones",
+    "BACKBONES": "vision_backbones",
+    "ProbabilityWeightedPromptAdapter": "student_conditioning", "PatchTokenAdapter": "student_conditioning",
+    "StudentConditioning": "student_conditioning", "CONDITIONING_MODES": "student_conditioning",
     "StableDiffusionTeacher": "sd_teacher", "images_to_sd": "sd_teacher",
     "SWAD": "swad",
 }
