@@ -5,6 +5,7 @@ The diffusers/transformers-based modules are imported on first use, so the heads
 """
 import importlib
 
+from .attention_backend import ATTENTION_BACKENDS, set_attention_backend
 from .classifiers import (CLASSIFIER_NAMES, build_classifier, classifier_of, feature_dim, load_classifier,
                           pooled_features, register_classifier, registered_classifiers)
 from .simple_mlp_adaln import SimpleMLPAdaLN
@@ -35,7 +36,7 @@ _LAZY = {
 __all__ = ["SimpleMLPAdaLN", "SplitTokenDiffusionHead",
            "SplitTokenHeadConfig", "convert_simple_mlp_adaln_state_dict", "convert_split_token_head_state_dict",
            "CLASSIFIER_NAMES", "build_classifier", "classifier_of", "feature_dim", "load_classifier", "pooled_features",
-           "register_classifier", "registered_classifiers"]
+           "register_classifier", "registered_classifiers", "ATTENTION_BACKENDS", "set_attention_backend"]
 __all__ += list(_LAZY)
 
 
