@@ -8,7 +8,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from ddg_models import ClassifierPreprocess, DAGSampler
+from ddg_models import ClassifierPreprocess, DAGSampler, set_attention_backend
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -51,7 +51,9 @@ def preprocess_of(kind: str, size: int) -> nn.Module:
     raise ValueError(f"preprocess must be 'ddis_code', 'imagenet' or 'none', got {kind!r}")
 
 
-def build_sampler(preset, parts: Dict[str, object], teacher: nn.Module, scheduler) -> DAGSampler:
+def build_sampler(preset, parts: Dict[str, object], teacher: nn.Module, scheduler,
+                  attention_backend: str = "sdpa") -> DAGSampler:
+    set_attention_backend(parts["unet"], attention_backend)
     return DAGSampler(parts["unet"], parts["vae"], scheduler, teacher, text_encoder=parts["text_encoder"],
                       tokenizer=parts["tokenizer"], preprocess=preprocess_of(preset.dag_preprocess,
                                                                               preset.classifier_size),
