@@ -138,5 +138,6 @@ def test_bad_builders_fail_at_build_with_the_name():
     build_classifier("foreign_a", 3)
     with pytest.raises(ValueError, match="'foreign_b' and 'foreign_a' both build ForeignNet"):
         build_classifier("foreign_b", 3)
-    with pytest.raises(ValueError, match="unknown classifier 'nope'; known: resnet8, .*mobilenet_v1, .*returns_tensor, no_features, no_fc, foreign_a, foreign_b$"):
+    with pytest.raises(ValueError, match="unknown classifier 'nope'; known: resnet8, .*mobilenet_v1, "
+                                         ".*returns_tensor, no_features, no_fc, foreign_a, foreign_b$"):
         build_classifier("nope")
