@@ -27,20 +27,20 @@ def python_files() -> List[Path]:
     return files
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _package(path: Path) -> str:
-    name = module_name(path)
+def _package(path: Path, root: Path) -> str:
+    name = module_name(path, root)
     return name if path.name == "__init__.py" else name.rpartition(".")[0]
 
 
-def _resolve(path: Path, module: Optional[str], level: int) -> str:
+def _resolve(path: Path, root: Path, module: Optional[str], level: int) -> str:
     if level == 0:
         return module or ""
-    base = _package(path).split(".")
+    base = _package(path, root).split(".")
     base = base[:len(base) - (level - 1)] if level > 1 else base
     return ".".join(base + ([module] if module else []))
 
@@ -50,7 +50,8 @@ def _catches_import_error(handler: ast.ExceptHandler) -> bool:
     return any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError", "Exception") for n in names)
 
 
-def imports_of(path: Path) -> Iterator[Import]:
+def imports_of(path: Path, root: Path = ROOT) -> Iterator[Import]:
+    """The imports of the file ``path`` of the source tree at ``root``."""
     tree = ast.parse(path.read_text(), filename=str(path))
     guarded_nodes = set()
     for node in ast.walk(tree):
@@ -62,11 +63,11 @@ def imports_of(path: Path) -> Iterator[Import]:
             for alias in node.names:
                 yield Import(path, node.lineno, alias.name, guarded)
         elif isinstance(node, ast.ImportFrom):
-            base = _resolve(path, node.module, node.level)
+            base = _resolve(path, root, node.module, node.level)
             yield Import(path, node.lineno, base, guarded)
             # "from package import submodule" imports the submodule too.
             for alias in node.names:
-                if alias.name != "*" and _is_module(f"{base}.{alias.name}"):
+                if alias.name != "*" and _is_module(root, f"{base}.{alias.name}"):
                     yield Import(path, node.lineno, f"{base}.{alias.name}", guarded)
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
                 and isinstance(node.args[0].value, str):
@@ -75,18 +76,18 @@ def imports_of(path: Path) -> Iterator[Import]:
                 target = node.args[0].value
                 level = len(target) - len(target.lstrip("."))
                 # find_spec only asks whether the module is there: an optional import by nature.
-                yield Import(path, node.lineno, _resolve(path, target.lstrip(".") or None, level),
+                yield Import(path, node.lineno, _resolve(path, root, target.lstrip(".") or None, level),
                              guarded or func == "find_spec")
         elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_LAZY" for t in node.targets) \
                 and isinstance(node.value, ast.Dict):
             for value in node.value.values:
                 if isinstance(value, ast.Constant) and isinstance(value.value, str):
-                    yield Import(path, value.lineno, f"{_package(path)}.{value.value}", False)
+                    yield Import(path, value.lineno, f"{_package(path, root)}.{value.value}", False)
 
 
-def _is_module(dotted: str) -> bool:
+def _is_module(root: Path, dotted: str) -> bool:
     rel = Path(*dotted.split("."))
-    return (ROOT / rel.with_suffix(".py")).is_file() or (ROOT / rel / "__init__.py").is_file()
+    return (root / rel.with_suffix(".py")).is_file() or (root / rel / "__init__.py").is_file()
 
 
 def all_imports() -> List[Import]:

@@ -5,7 +5,9 @@ linear layer): ``pooled_features(model, x)`` is that feature [B, D], ``classifie
 ``nn.Linear`` and ``feature_dim(model)`` its D, with ``classifier_of(model)(pooled_features(model, x)) == model(x)``.
 A model follows it either by itself, with a ``forward_features(x)`` method and an ``nn.Linear`` attribute ``fc``,
 or through adapter callables given to ``register_classifier`` (``features(model, x)``, ``head(model)``): they
-hold for every instance of the class the name's builder returns. torchvision's ResNets are registered that way.
+hold for every instance of the class the name's builder returns, known from the first ``build_classifier`` of the
+name on (the registry never imports an optional package just to name a class). torchvision's ResNets are
+registered that way.
 
 Built in: the CIFAR networks of RepDistiller / CRD (``resnet8`` ... ``resnet110``, ``resnet8x4``, ``resnet32x4``,
 ``wrn_40_2``, ``wrn_16_2``, ``wrn_40_1``, ``wrn_16_1``, ``vgg8`` ... ``vgg19``) and the ImageNet networks of
