@@ -1,6 +1,6 @@
 """ddg_losses: the distillation losses as nn.Modules over ddg_ops.
 
-The losses of the method-specific modules are imported on first use.
+The less common losses are imported on first use; ``dir(ddg_losses)`` lists them all the same.
 """
 import importlib
 
@@ -10,15 +10,17 @@ from .gendd import GenDDDraws, GenDDLoss, GenDDLossOutput
 
 # Name -> submodule, imported on first use.
 _LAZY = {
-    # DDIS (issue 6)
+    # Logit distillation
     "KLDistillationLoss": "kd",
+    # Distribution matching: the DMD loss's noised form, the fake score, the noise levels both draw, the
+    # two-time-scale update of generator and fake score, and DP-DMD's anchor loss on the first step
+    "NoisedDMDOutput": "dmd", "FakeScoreLoss": "fake_score", "FakeScoreOutput": "fake_score",
+    "FlowMatchingNoise": "noise_levels", "DDPMNoise": "noise_levels", "NoiseLevel": "noise_levels",
+    "TwoTimeScaleSchedule": "two_time_scale", "AnchorLoss": "dpdmd_anchor", "anchor_target": "dpdmd_anchor",
+    # Guidance losses on decoded images (DAG's BN-statistics guidance)
     "BNGuidanceLoss": "bn_guidance",
-    # DP-DMD (issue 7)
-    "NoisedDMDOutput": "dmd", "FakeScoreLoss": "dpdmd_fake_score", "FakeScoreOutput": "dpdmd_fake_score",
-    "AnchorLoss": "dpdmd_anchor", "anchor_target": "dpdmd_anchor", "TwoTimeScaleSchedule": "dpdmd_schedule",
-    "FlowMatchingNoise": "dpdmd_noise", "DDPMNoise": "dpdmd_noise", "NoiseLevel": "dpdmd_noise",
-    # DDG (issue 8)
-    "AlignmentLoss": "ddg", "DiffusionDistillationLoss": "ddg",
+    # Losses through embeddings and a guided teacher
+    "ImageTextAlignmentLoss": "image_text_alignment", "GuidedDenoisingLoss": "guided_denoising",
 }
 
 __all__ = ["DistributionMatchingLoss", "BNStatAlignmentLoss", "GenDDLoss", "GenDDLossOutput", "GenDDDraws"]
@@ -29,3 +31,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -8,7 +8,7 @@ from torch import nn
 
 from ddg_ops import DMD_PREDICTIONS, DMDGradOutput, dmd_grad
 
-from .dpdmd_noise import NoiseLevel
+from .noise_levels import NoiseLevel
 
 RealScore = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 FakeScore = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

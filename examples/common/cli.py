@@ -1,10 +1,13 @@
 """The command-line pieces every example's train.py shares: the parser head (help text from the module docstring,
-``--preset``, ``--out``) and comma-separated list arguments."""
+``--preset``, ``--out``), ``--attention-backend`` for the examples that run diffusers models, and comma-separated
+list arguments."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Tuple
+
+from ddg_models import ATTENTION_BACKENDS
 
 
 def example_parser(doc: str, presets: Iterable[str], method: str) -> argparse.ArgumentParser:
@@ -15,6 +18,14 @@ def example_parser(doc: str, presets: Iterable[str], method: str) -> argparse.Ar
     parser.add_argument("--preset", choices=sorted(presets), default="tiny")
     parser.add_argument("--out", type=Path, help=f"run directory (default runs/{method}/<preset>)")
     return parser
+
+
+def add_attention_backend(parser: argparse.ArgumentParser) -> None:
+    """``--attention-backend {sdpa,xformers}``: the kernel of the diffusers models' attention layers, applied
+    with ``ddg_models.set_attention_backend`` where the example loads them."""
+    parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="sdpa",
+                        help="attention of the diffusers models: PyTorch SDPA (default) or xformers "
+                             "(needs the xformers package and a GPU)")
 
 
 def comma_list(text: Optional[str], cast: Callable = str) -> Tuple:

@@ -37,6 +37,7 @@ class RunConfig:
     resume: bool = False
     max_steps: Optional[int] = None
     quiet: bool = False
+    attention_backend: str = "sdpa"                  # of the SD teacher's UNet
 
 
 @torch.no_grad()
@@ -59,7 +60,8 @@ class TeacherStore:
         p, rc = self.rc.preset, self.rc
         if p.dataset != "RotatedDigits":
             if "all" not in self.cache:
-                self.cache["all"] = load_teachers(p, envs, rc.clip_dir, rc.sd_dir, self.acc.device)
+                self.cache["all"] = load_teachers(p, envs, rc.clip_dir, rc.sd_dir, self.acc.device,
+                                                  rc.attention_backend)
             return self.cache["all"]
         # Teachers differ by trial seed (its holdout), training domains and training steps.
         key = (f"seed{seed}_" + "-".join(envs.names[i] for i in sources) + "_steps"
@@ -72,7 +74,8 @@ class TeacherStore:
                 self.losses[key] = train_tiny_teachers(p, envs, sources, directory, seed, quiet=rc.quiet)
                 self.losses[key]["seconds"] = time.perf_counter() - start
             self.acc.wait_for_everyone()
-            teachers = load_teachers(p, envs, directory / "clip", directory / "sd", self.acc.device)
+            teachers = load_teachers(p, envs, directory / "clip", directory / "sd", self.acc.device,
+                                     rc.attention_backend)
             if self.acc.is_main_process and not (directory / "samples.png").is_file():
                 prompts = [f"a {envs.names[d]} photo of a {c}" for d in sources for c in envs.class_names]
                 report.save_grid(directory / "samples.png", teacher_samples(teachers, prompts).cpu(),

@@ -21,7 +21,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ddg_models import PromptEncoder, StableDiffusionTeacher, VAECodec, encode_class_prompts
+from ddg_models import (PromptEncoder, StableDiffusionTeacher, VAECodec, encode_class_prompts,
+                        set_attention_backend)
 
 from ..common.tiny_text import build_word_tokenizer, tiny_text_encoder
 from .data import Environments
@@ -59,7 +60,7 @@ class Teachers:
         return self.sd_negatives if self.sd_negatives.shape[0] == 1 else self.sd_negatives[domains]
 
 
-def load_teachers(p: Preset, envs: Environments, clip_dir, sd_dir, device) -> Teachers:
+def load_teachers(p: Preset, envs: Environments, clip_dir, sd_dir, device, attention_backend: str = "sdpa") -> Teachers:
     """Load the CLIP folder (a transformers CLIPModel with its tokenizer) and the SD folder, frozen."""
     from transformers import CLIPModel, CLIPTokenizer
 
@@ -70,6 +71,7 @@ def load_teachers(p: Preset, envs: Environments, clip_dir, sd_dir, device) -> Te
     clip = CLIPModel.from_pretrained(str(clip_dir)).to(device).eval().requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(str(clip_dir))
     sd = StableDiffusionTeacher.from_pretrained(sd_dir, device=device)
+    set_attention_backend(sd.unet, attention_backend)
     if p.sd_gradient_checkpointing:
         sd.enable_gradient_checkpointing()
     class_text = encode_class_prompts(clip, tokenizer, envs.class_names, p.class_template)

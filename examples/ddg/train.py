@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make `examples.ddg` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.ddg.pipeline import RunConfig, run_all  # noqa: E402
-from examples.common.cli import comma_ints, comma_list, example_parser  # noqa: E402
+from examples.common.cli import add_attention_backend, comma_ints, comma_list, example_parser  # noqa: E402
 from examples.ddg.presets import PRESETS  # noqa: E402
 from examples.ddg.trainer import METHODS  # noqa: E402
 
@@ -87,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_attention_backend(parser)
     return parser.parse_args(argv)
 
 
@@ -115,7 +116,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                      trial_seeds=preset.trial_seeds, test_envs=args.test_envs or None, data_dir=args.data_dir,
                      clip_dir=args.clip_dir, sd_dir=args.sd_dir, backbone_weights=args.backbone_weights,
                      teachers_per_run=args.teachers_per_run, resume=args.resume, max_steps=args.max_steps,
-                     quiet=args.quiet)
+                     quiet=args.quiet, attention_backend=args.attention_backend)
 
 
 def main(argv=None):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddg_losses import AlignmentLoss, DiffusionDistillationLoss
+from ddg_losses import GuidedDenoisingLoss, ImageTextAlignmentLoss
 from ddg_models import (SWAD, CLIPVisionBackbone, DDGStudent, PatchTokenAdapter, ProbabilityWeightedPromptAdapter,
                         StudentConditioning, ZeroShotHead, build_backbone, images_to_sd)
 
@@ -129,8 +129,8 @@ class Run:
         self.steps = p.steps if max_steps is None else min(p.steps, max_steps)
         torch.manual_seed(seed_hash(spec.trial_seed, "init"))
         self.module = build_module(p, teachers, backbone_weights, spec.method).to(self.device)
-        self.align = AlignmentLoss(p.lmd)
-        self.diffusion = DiffusionDistillationLoss(p.guidance_scale, p.guidance_rescale, p.timesteps_per_image)
+        self.align = ImageTextAlignmentLoss(p.lmd)
+        self.diffusion = GuidedDenoisingLoss(p.guidance_scale, p.guidance_rescale, p.timesteps_per_image)
         self.swad = SWAD(self.module.student, p.n_converge, p.n_tolerance, p.tolerance_ratio)
         names = envs.names
         # Training-domain validation needs the sources' holdouts; the report needs the test domain's 'in' split.

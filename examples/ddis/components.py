@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ddg_losses import BNGuidanceLoss
-from ddg_models import ClassifierPreprocess, DAGSampler, GuidedTeacher, PromptEncoder, VAECodec
+from ddg_models import (ClassifierPreprocess, DAGSampler, GuidedTeacher, PromptEncoder, VAECodec,
+                        set_attention_backend)
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -52,9 +53,11 @@ def preprocess_of(kind: str, size: int) -> nn.Module:
     raise ValueError(f"preprocess must be 'ddis_code', 'imagenet' or 'none', got {kind!r}")
 
 
-def build_sampler(preset, parts: Dict[str, object], classifier: nn.Module, scheduler) -> DAGSampler:
-    """The preset's DAG sampler: the SD UNet as a guided teacher, its VAE codec and prompt encoder, and the
-    BN-statistics loss of ``classifier`` as the guidance loss."""
+def build_sampler(preset, parts: Dict[str, object], classifier: nn.Module, scheduler,
+                  attention_backend: str = "sdpa") -> DAGSampler:
+    """The preset's DAG sampler: the SD UNet as a guided teacher (on the chosen attention backend), its VAE codec
+    and prompt encoder, and the BN-statistics loss of ``classifier`` as the guidance loss."""
+    set_attention_backend(parts["unet"], attention_backend)
     teacher = GuidedTeacher(parts["unet"], scheduler.config.prediction_type, preset.guidance_scale)
     loss = BNGuidanceLoss(classifier, preprocess_of(preset.dag_preprocess, preset.classifier_size),
                           form=preset.bn_form, first_bn_multiplier=preset.first_bn_multiplier, batch=preset.bn_batch)

@@ -35,6 +35,7 @@ class FullRun:
     seed: int = 0
     resume: bool = False
     quiet: bool = False
+    attention_backend: str = "sdpa"
 
 
 def read_class_names(preset, path: Optional[str]) -> Sequence[str]:
@@ -85,7 +86,7 @@ def run_full(rc: FullRun, accelerator) -> dict:
         parts = load_stable_diffusion(rc.pretrained_model, preset.scheduler)
         for name in ("unet", "vae", "text_encoder"):
             parts[name].to(device)
-        sampler = build_sampler(preset, parts, teacher, parts["scheduler"])
+        sampler = build_sampler(preset, parts, teacher, parts["scheduler"], rc.attention_backend)
         with torch.no_grad():
             uncond = sampler.prompt_encoder([""])
         cat_dir = out / "cat"

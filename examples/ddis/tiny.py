@@ -36,6 +36,7 @@ class TinyRun:
     world: TinyWorldConfig = field(default_factory=TinyWorldConfig)
     resume: bool = False
     quiet: bool = False
+    attention_backend: str = "sdpa"
 
 
 def shift_augment(x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,7 @@ def _prompts_and_sampler(method: str, world, preset, out: Path, rc: TinyRun, log
     if method == "dag_cat":
         parts["tokenizer"] = CLIPTokenizer.from_pretrained(Path(rc.out) / "world" / "tokenizer")
         parts["text_encoder"] = copy.deepcopy(world["text_encoder"])
-    sampler = build_sampler(preset, parts, world["teacher"], scheduler)
+    sampler = build_sampler(preset, parts, world["teacher"], scheduler, rc.attention_backend)
     with torch.no_grad():
         uncond = sampler.prompt_encoder([""])
     if method != "dag_cat":

@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `examples.ddis` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from examples.common.cli import comma_list, example_parser  # noqa: E402
+from examples.common.cli import add_attention_backend, comma_list, example_parser  # noqa: E402
 from examples.ddis.presets import PRESETS  # noqa: E402
 
 OVERRIDES = ("teacher", "student", "steps", "guidance_scale", "eta", "guide_target", "bn_form", "bn_batch", "first_bn_multiplier",
@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny preset: a seconds-long run for CI tests")
     for name in OVERRIDES:
         parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(PRESETS["tiny"], name)))
+    add_attention_backend(parser)
     return parser.parse_args(argv)
 
 
@@ -73,7 +74,7 @@ def main(argv=None):
             print(f"DDIS preset tiny on cpu (threads {torch.get_num_threads()}); out {out}")
             return run_tiny(TinyRun(preset=preset, out=out, seeds=seeds, methods=methods,
                                     world=SMOKE_WORLD if args.smoke else TinyWorldConfig(), resume=args.resume,
-                                    quiet=args.quiet))
+                                    quiet=args.quiet, attention_backend=args.attention_backend))
         from accelerate import Accelerator
 
         from examples.ddis.pipeline import STAGES, FullRun, run_full
@@ -88,7 +89,7 @@ def main(argv=None):
         return run_full(FullRun(preset=preset, out=out, pretrained_model=args.pretrained_model,
                                 teacher_ckpt=args.teacher_ckpt, class_names_file=args.class_names,
                                 test_root=args.test_root, stages=stages, seed=args.seed, resume=args.resume,
-                                quiet=args.quiet), accelerator)
+                                quiet=args.quiet, attention_backend=args.attention_backend), accelerator)
     except FileNotFoundError as e:  # missing weights or data: a message, not a traceback
         raise SystemExit(f"error: {e}") from e
 

@@ -20,7 +20,8 @@ from typing import Dict, List, Optional
 import torch
 
 from ddg_losses import FlowMatchingNoise
-from ddg_models import FewStepGenerator, GuidedTeacher, PromptEncoder, VAECodec, shifted_flow_sigmas
+from ddg_models import (FewStepGenerator, GuidedTeacher, PromptEncoder, VAECodec, set_attention_backend,
+                        shifted_flow_sigmas)
 
 from ..common.sample_metrics import mean_pairwise_cosine
 from ..common.tables import write_json
@@ -40,6 +41,7 @@ class SD3Run:
     max_steps: Optional[int] = None
     resume: bool = False
     quiet: bool = False
+    attention_backend: str = "sdpa"           # ddg_models.set_attention_backend of the three SD3 transformers
 
 
 def read_prompts(path: Path) -> List[str]:
@@ -134,6 +136,8 @@ def run_sd3(run: SD3Run, accelerator) -> Dict:
     torch.manual_seed(p.seed)
     student = SD3Transformer2DModel.from_pretrained(run.model, subfolder="transformer", dtype=dtype)
     fake = SD3Transformer2DModel.from_pretrained(run.model, subfolder="transformer", dtype=dtype)
+    for model in (pipe.transformer, student, fake):
+        set_attention_backend(model, run.attention_backend)
     if p.gradient_checkpointing:  # steps 1..3 of the rollout are kept for backward: recompute them
         student.enable_gradient_checkpointing()
         fake.enable_gradient_checkpointing()

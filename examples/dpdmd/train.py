@@ -21,7 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `examples.dpdmd` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from examples.common.cli import comma_list, example_parser  # noqa: E402
+from examples.common.cli import add_attention_backend, comma_list, example_parser  # noqa: E402
 from examples.dpdmd.presets import PRESETS, ToyPreset  # noqa: E402
 from examples.dpdmd.toy2d import METHODS  # noqa: E402
 
@@ -49,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mode-decay", type=float, help="tiny: mode weights decay^j within a condition")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is visible")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_attention_backend(parser)
     return parser.parse_args(argv)
 
 
@@ -107,7 +108,7 @@ def main(argv=None):
             prompts = prompts or model / "prompts.txt"
             diversity = diversity or model / "clip_vision"
         return run_sd3(SD3Run(preset, model, prompts, out, args.eval_prompts, diversity, args.max_steps,
-                              args.resume, args.quiet), accelerator)
+                              args.resume, args.quiet, args.attention_backend), accelerator)
     except FileNotFoundError as e:  # missing weights or prompts: a message, not a traceback
         raise SystemExit(f"error: {e}") from e
 

@@ -1,12 +1,16 @@
 """Backbones of the example: the classifier zoo (``ddg_models.classifiers``) for CIFAR / ImageNet, and two
-small CNNs for the ``tiny`` preset, behind one interface: ``features`` (pooled penultimate feature),
-``classifier`` (the final Linear) and ``feature_dim``."""
+small CNNs for the ``tiny`` preset registered into it, so all follow its pooled-feature protocol:
+``features`` (pooled penultimate feature), ``classifier`` (the final Linear) and ``feature_dim``."""
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from ddg_models.classifiers import (build_classifier, classifier_of, feature_dim, load_classifier, pooled_features,
+                                    register_classifier)
 
 TINY = {"tiny_teacher": (32, 64, 128), "tiny_student": (8, 16, 32)}
 
@@ -26,55 +30,35 @@ class TinyCNN(nn.Module):
         self.body = nn.Sequential(*layers)
         self.fc = nn.Linear(c, num_classes)
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x).mean((2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pooled(x))
+        return self.fc(self.forward_features(x))
 
 
-def _zoo():
-    try:
-        from ddg_models import classifiers
-    except ImportError as e:  # pragma: no cover - depends on the installed library version
-        raise ImportError(f"the CIFAR/ImageNet presets need ddg_models.classifiers ({e})") from e
-    return classifiers
+for _name, _widths in TINY.items():
+    register_classifier(_name, functools.partial(TinyCNN, _widths))
+del _name, _widths
 
 
 def build(name: str, num_classes: int) -> nn.Module:
     """A freshly initialised classifier by name ('tiny_teacher', 'tiny_student' or a zoo name)."""
-    if name in TINY:
-        return TinyCNN(TINY[name], num_classes)
-    return _zoo().build_classifier(name, num_classes)
+    return build_classifier(name, num_classes)
 
 
 def load(name: str, path: str, num_classes: int) -> nn.Module:
-    """A trained classifier from a local checkpoint (zoo formats; a tiny model's state dict)."""
-    if name in TINY:
-        model = build(name, num_classes)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
-        return model
-    return _zoo().load_classifier(name, path, num_classes)
+    """A trained classifier from a local checkpoint (the zoo's checkpoint formats, the tiny models' too)."""
+    return load_classifier(name, path, num_classes)
 
 
 def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Pooled penultimate feature [B, D] (what GenDD distils)."""
-    if isinstance(model, TinyCNN):
-        return model.pooled(x)
-    return _zoo().pooled_features(model, x)
+    return pooled_features(model, x)
 
 
 def classifier(model: nn.Module) -> nn.Linear:
-    if isinstance(model, TinyCNN):
-        return model.fc
-    return _zoo().classifier_of(model)
-
-
-def feature_dim(model: nn.Module) -> int:
-    if isinstance(model, TinyCNN):
-        return model.fc.in_features
-    return _zoo().feature_dim(model)
+    return classifier_of(model)
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -1,10 +1,10 @@
-"""DDG's Stage I alignment loss and Stage II diffusion distillation loss against hand computations."""
+"""DDG's losses (Stage I image-text alignment, Stage II guided denoising) against hand computations."""
 import math
 
 import pytest
 import torch
 
-from ddg_losses import AlignmentLoss, DiffusionDistillationLoss
+from ddg_losses import GuidedDenoisingLoss, ImageTextAlignmentLoss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,20 +17,20 @@ def test_alignment_loss_hand_values():
     cos_txt = (-1.0 + 0.6) / 2
     for lmd in (0.0, 0.25, 0.5, 1.0):
         expected = lmd * -cos_img + (1 - lmd) * -cos_txt
-        assert AlignmentLoss(lmd)(z, image, text).item() == pytest.approx(expected, abs=1e-6)
-    assert AlignmentLoss(0.0)(z, None, text).item() == pytest.approx(-cos_txt, abs=1e-6)
+        assert ImageTextAlignmentLoss(lmd)(z, image, text).item() == pytest.approx(expected, abs=1e-6)
+    assert ImageTextAlignmentLoss(0.0)(z, None, text).item() == pytest.approx(-cos_txt, abs=1e-6)
 
 
 def test_alignment_loss_gradient_and_errors():
     z = torch.randn(4, 3, requires_grad=True)
-    AlignmentLoss(0.5)(z, torch.randn(4, 3), torch.randn(4, 3)).backward()
+    ImageTextAlignmentLoss(0.5)(z, torch.randn(4, 3), torch.randn(4, 3)).backward()
     assert z.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="AlignmentLoss: 'lmd'"):
-        AlignmentLoss(1.5)
-    with pytest.raises(ValueError, match="AlignmentLoss: 'image_embeddings'"):
-        AlignmentLoss(0.5)(z, None, torch.randn(4, 3))
-    with pytest.raises(ValueError, match="AlignmentLoss: 'text_embeddings'"):
-        AlignmentLoss(0.5)(z, torch.randn(4, 3), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="ImageTextAlignmentLoss: 'lmd'"):
+        ImageTextAlignmentLoss(1.5)
+    with pytest.raises(ValueError, match="ImageTextAlignmentLoss: 'image_embeddings'"):
+        ImageTextAlignmentLoss(0.5)(z, None, torch.randn(4, 3))
+    with pytest.raises(ValueError, match="ImageTextAlignmentLoss: 'text_embeddings'"):
+        ImageTextAlignmentLoss(0.5)(z, torch.randn(4, 3), torch.randn(4, 2))
 
 
 class LinearTeacher:
@@ -67,7 +67,7 @@ def test_diffusion_loss_hand_value(w, k):
     x = torch.randn(2, 3, 4, 4)
     context = torch.randn(2, 5, 6, requires_grad=True)
     negative = torch.randn(2, 5, 6)
-    loss = DiffusionDistillationLoss(w, timesteps_per_image=k)(teacher, x, context, negative,
+    loss = GuidedDenoisingLoss(w, timesteps_per_image=k)(teacher, x, context, negative,
                                                                 torch.Generator().manual_seed(0))
     # by hand: same draws, K copies per image, eps_hat = eps_n + w (eps_c - eps_n)
     g = torch.Generator().manual_seed(0)
@@ -86,9 +86,9 @@ def test_diffusion_loss_hand_value(w, k):
 
 
 def test_diffusion_loss_errors():
-    with pytest.raises(ValueError, match="DiffusionDistillationLoss: 'guidance_scale'"):
-        DiffusionDistillationLoss(-1.0)
-    with pytest.raises(ValueError, match="DiffusionDistillationLoss: 'timesteps_per_image'"):
-        DiffusionDistillationLoss(timesteps_per_image=0)
-    with pytest.raises(ValueError, match="DiffusionDistillationLoss: 3 images but 2 contexts"):
-        DiffusionDistillationLoss()(LinearTeacher(), torch.randn(3, 3, 4, 4), torch.randn(2, 5, 6))
+    with pytest.raises(ValueError, match="GuidedDenoisingLoss: 'guidance_scale'"):
+        GuidedDenoisingLoss(-1.0)
+    with pytest.raises(ValueError, match="GuidedDenoisingLoss: 'timesteps_per_image'"):
+        GuidedDenoisingLoss(timesteps_per_image=0)
+    with pytest.raises(ValueError, match="GuidedDenoisingLoss: 3 images but 2 contexts"):
+        GuidedDenoisingLoss()(LinearTeacher(), torch.randn(3, 3, 4, 4), torch.randn(2, 5, 6))

@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 
 from ddg_models import (DDGStudent, ProbabilityWeightedPromptAdapter, StableDiffusionTeacher,  # noqa: E402
                         StudentConditioning, ZeroShotHead, images_to_sd)
-from ddg_models.ddg_student import CLIPVisionBackbone  # noqa: E402
+from ddg_models.vision_backbones import CLIPVisionBackbone  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from .dpdmd_noise import NoiseLevel
+from .noise_levels import NoiseLevel
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
