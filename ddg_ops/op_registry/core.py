@@ -71,11 +71,11 @@ class BadInput:
     kernel_only: bool = False
 
 
-def bad(call: Callable[[], object], error: type, match: str, *, raw: bool = False,
-        kernel_only: bool = False) -> BadInput:
-    """A BadInput whose argument is the first quoted name in ``match`` ('' where the message names none)."""
+def bad(call: Callable[[], object], error: type, match: str, *, raw: bool = False, kernel_only: bool = False,
+        argument: str = "") -> BadInput:
+    """A BadInput for ``argument``, by default the first quoted name in ``match``."""
     quoted = re.search(r"'(\w+)'", match)
-    return BadInput(quoted.group(1) if quoted else "", call, error, match, raw, kernel_only)
+    return BadInput(argument or (quoted.group(1) if quoted else ""), call, error, match, raw, kernel_only)
 
 
 def raw_bad(call: Callable[[], object], match: str, *, kernel_only: bool = False) -> BadInput:

@@ -68,7 +68,7 @@ def _bad_cfg_combine():
         bad(lambda: guidance.cfg_combine(x, x.to("meta"), 7.5), ValueError, "cfg_combine: 'cond' must be on the device"),
         bad(lambda: guidance.cfg_combine(x.long(), x.long(), 7.5), TypeError, "cfg_combine: 'uncond' must be float32"),
         bad(lambda: guidance.cfg_combine(torch.tensor(1.0), torch.tensor(1.0), 7.5), ValueError,
-            "leading batch dimension"),
+            "leading batch dimension", argument="uncond"),
         bad(lambda: guidance.cfg_combine(x.numpy(), x, 7.5), TypeError, "'uncond' must be a torch.Tensor"),
         bad(lambda: guidance.cfg_combine(x, x, "7.5"), TypeError, "'scale' must be a number or a tensor"),
         bad(lambda: guidance.cfg_combine(x, x, float("nan")), ValueError, "'scale' must be finite"),
@@ -203,7 +203,8 @@ def _bad_dmd_grad():
     x = torch.randn(_BAD_X)
     return [
         bad(lambda: guidance.dmd_grad(x, x, x, x, 3.5, prediction="epsilon"), ValueError, "needs 'x_t'"),
-        bad(lambda: guidance.dmd_grad(x, x, x, x, 3.5, x_t=x), ValueError, "only used with prediction='epsilon'"),
+        bad(lambda: guidance.dmd_grad(x, x, x, x, 3.5, x_t=x), ValueError, "only used with prediction='epsilon'",
+            argument="x_t"),
         bad(lambda: guidance.dmd_grad(x, x, x, x, 3.5, prediction="sample"), ValueError,
             "'prediction' must be one of"),
         bad(lambda: guidance.dmd_grad(x, x, x, x.half(), 3.5), TypeError, "dmd_grad: 'fake' must have the dtype"),
