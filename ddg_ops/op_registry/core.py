@@ -7,7 +7,7 @@ op autograd calls, and any helper op only it uses."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -110,8 +110,6 @@ class OpInfo:
     large_variants: Tuple[str, ...] = ()
     # Why gradcheck has no samples (an empty gradcheck needs a reason).
     no_gradcheck: str = ""
-    notes: str = ""
-    extra: Dict[str, object] = field(default_factory=dict)
 
     def grid_shapes(self, size: str, quick: bool) -> Tuple[tuple, ...]:
         if size == "large":

@@ -157,7 +157,7 @@ def _tables():
     return GaussianDiffusionSchedule.named("cosine")
 
 
-def _forward_samples(dtype, rg) -> Dict[str, Sample]:
+def _forward_samples(dtype, rg) -> list:
     M, W, U, C = 6, 7, 3, 4
     ci = torch.tensor([0, 2, 1, 2, 0, 0])
     x = randn((M, W), dtype, rg)
