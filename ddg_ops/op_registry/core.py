@@ -61,26 +61,32 @@ class GradSample:
 class BadInput:
     """A call that must raise ``error`` with a message matching ``match`` (a regex) that names the op
     and ``argument``. ``raw`` calls torch.ops.ddg directly (the C++ host checks; needs the
-    extension); ``kernel_only`` is a range check the CPU kernel raises while it reads, where a CUDA
-    kernel's device assert aborts the process instead (tests/cuda_emu checks those)."""
+    extension). ``device_assert`` marks an index-range check the CPU kernel raises while it reads,
+    where the CUDA kernel's device assert aborts the process instead: (CUDA kernel, assert
+    condition), the text the assert prints (tests/cuda_emu/test_device_asserts.py checks it)."""
     argument: str
     call: Callable[[], object]
     error: type
     match: str
     raw: bool = False
-    kernel_only: bool = False
+    device_assert: Optional[Tuple[str, str]] = None
+
+    @property
+    def kernel_only(self) -> bool:
+        """Only the CPU kernel raises: on CUDA this call aborts the process."""
+        return self.device_assert is not None
 
 
-def bad(call: Callable[[], object], error: type, match: str, *, raw: bool = False, kernel_only: bool = False,
-        argument: str = "") -> BadInput:
+def bad(call: Callable[[], object], error: type, match: str, *, raw: bool = False,
+        device_assert: Optional[Tuple[str, str]] = None, argument: str = "") -> BadInput:
     """A BadInput for ``argument``, by default the first quoted name in ``match``."""
     quoted = re.search(r"'(\w+)'", match)
-    return BadInput(argument or (quoted.group(1) if quoted else ""), call, error, match, raw, kernel_only)
+    return BadInput(argument or (quoted.group(1) if quoted else ""), call, error, match, raw, device_assert)
 
 
-def raw_bad(call: Callable[[], object], match: str, *, kernel_only: bool = False) -> BadInput:
+def raw_bad(call: Callable[[], object], match: str, *, device_assert: Optional[Tuple[str, str]] = None) -> BadInput:
     """A raw-op BadInput: the C++ checks raise RuntimeError."""
-    return bad(call, RuntimeError, match, raw=True, kernel_only=kernel_only)
+    return bad(call, RuntimeError, match, raw=True, device_assert=device_assert)
 
 
 @dataclass(frozen=True)

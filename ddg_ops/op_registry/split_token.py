@@ -370,9 +370,11 @@ def _bad_prepare():
     raw_bad(lambda: ops.split_token_prepare(f, None, 0.0, None, 1.0, t6.int(), eps6, SAB, S1M, 4),
      r"ddg\.split_token_prepare: .*'timesteps'"),
     raw_bad(lambda: ops.split_token_prepare(f, None, 0.0, None, 1.0, t6 + 500, eps6, SAB, S1M, 4),
-                 r"ddg\.split_token_prepare: 'timesteps' .*out of range", kernel_only=True),
+                 r"ddg\.split_token_prepare: 'timesteps' .*out of range",
+            device_assert=("prepare_kernel", "step >= 0 && step < p.steps")),
     raw_bad(lambda: ops.split_token_prepare(f, None, 0.0, torch.tensor([0, -1]), 0.5, t6, eps6, SAB, S1M, 4),
-                 r"ddg\.split_token_prepare: 'permutation' .*out of range", kernel_only=True),
+                 r"ddg\.split_token_prepare: 'permutation' .*out of range",
+            device_assert=("prepare_kernel", "partner >= 0 && partner < p.batch")),
     ]
 
 
@@ -414,9 +416,10 @@ def _bad_adaln():
     raw_bad(lambda: ops.adaln_modulate_backward(rows, rows, None, None, rows, None, torch.zeros(4), torch.ones(4)),
      r"ddg\.adaln_modulate_backward: .*'(mean|rstd)'"),
     raw_bad(lambda: ops.adaln_modulate(rows, None, None, rows[:2], rows[:2], ci, 1e-6),
-                 r"ddg(\.adaln_modulate)?: 'cond_index' .*out of range", kernel_only=True),
+                 r"ddg(\.adaln_modulate)?: 'cond_index' .*out of range",
+            device_assert=("modulate_kernel", "ci >= 0 && ci < cond_rows")),
     raw_bad(lambda: ops.cond_rows_sum(rows, ci, 2), r"ddg\.cond_rows_sum: 'cond_index' has values outside \[0, 2\)",
-                 kernel_only=True),
+            device_assert=("segment_column_sum_kernel", "offsets[0] == 0 && offsets[segments] == rows")),
     raw_bad(lambda: ops.cond_rows_sum(rows, ci.int(), 3), r"ddg\.cond_rows_sum: 'cond_index' must be an int64 tensor"),
     raw_bad(lambda: ops.cond_rows_sum(rows[0], ci, 3), r"ddg\.cond_rows_sum: 'rows' must be 2-D"),
     raw_bad(lambda: ops.cond_rows_sum(rows, ci, 0), r"ddg\.cond_rows_sum: 'cond_rows' is 0"),
@@ -441,7 +444,8 @@ def _bad_gated():
     raw_bad(lambda: ops.gated_residual(rows, rows[:3, :6], rows, ci), r"ddg\.gated_residual: .*'gate'"),
     raw_bad(lambda: ops.gated_residual_backward(rows, rows.double(), rows, None), r"ddg\.gated_residual_backward: .*'gate'"),
     raw_bad(lambda: ops.gated_residual(rows, rows[:2], rows, ci),
-                 r"ddg(\.gated_residual)?: 'cond_index' .*out of range", kernel_only=True),
+                 r"ddg(\.gated_residual)?: 'cond_index' .*out of range",
+            device_assert=("gated_kernel", "ci >= 0 && ci < cond_rows")),
     ]
 
 
@@ -493,7 +497,8 @@ def _bad_loss():
     raw_bad(lambda: ops.diffusion_loss_backward(torch.ones(5), torch.randn(6, 4), eps6, t6, None, COEFS, False),
      r"ddg\.diffusion_loss_backward: .*'grad_loss'"),
     raw_bad(lambda: ops.diffusion_loss(torch.randn(6, 8), eps6, t6 - 1, torch.randn(3, 4), COEFS, True),
-                 r"ddg\.diffusion_loss: 'timesteps' .*out of range", kernel_only=True),
+                 r"ddg\.diffusion_loss: 'timesteps' .*out of range",
+            device_assert=("loss_kernel", "step >= 0 && step < a.steps")),
     ]
 
 
