@@ -1,4 +1,5 @@
-"""GenDD's split-token diffusion head as a module benchmark (specs/gendd.md §3), one training step and one sampling call.
+"""GenDD's split-token diffusion head as a module benchmark (specs/gendd.md §3): one training step
+and one sampling call.
 
 Kernels (cases) are the spec's configurations: ``train_<pair>`` is one GenDD step of the head, the
 targets (contraction 0.9, mixup, split, replication x R, noising), the head forward on M = B N R
