@@ -12,11 +12,15 @@ if EXTENSION.loaded:
     from . import _autograd, _fake  # noqa: F401
 
 from . import reference  # noqa: E402
-from .functional import *  # noqa: E402,F401,F403
-from .functional import __all__ as _functional_all  # noqa: E402
+from .guidance import *  # noqa: E402,F401,F403
+from .guidance import __all__ as _guidance_all  # noqa: E402
+from .bn_stats import *  # noqa: E402,F401,F403
+from .bn_stats import __all__ as _bn_stats_all  # noqa: E402
+from .split_token import *  # noqa: E402,F401,F403
+from .split_token import __all__ as _split_token_all  # noqa: E402
 from .diffusion_schedule import NOISE_SCHEDULES, GaussianDiffusionSchedule, space_timesteps  # noqa: E402
 
 HAS_EXT = EXTENSION.loaded
 __version__ = "0.1.0"
 __all__ = ["EXTENSION", "HAS_EXT", "reference", "GaussianDiffusionSchedule", "NOISE_SCHEDULES", "space_timesteps",
-           *_functional_all]
+           *_guidance_all, *_bn_stats_all, *_split_token_all]

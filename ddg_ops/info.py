@@ -11,9 +11,7 @@ import torch
 import ddg_ops
 from ddg_ops import _ext
 from ddg_ops._archs import kernel_image_for
-
-OPS = ("cfg_combine", "cfg_step", "dmd_grad", "bn_stats", "split_token_prepare", "adaln_modulate",
-       "gated_residual", "diffusion_loss")
+from ddg_ops.op_registry import REGISTRY
 
 
 def _backend(op: str, device_type: str) -> str:
@@ -61,9 +59,9 @@ def report() -> str:
         "build info: " + (json.dumps(e.build_info, sort_keys=True) if e.build_info else "none (not built)"),
         *_targets(),
         "",
-        f"{'op':<21}{'on CPU tensors':<28}{'on CUDA tensors'}",
+        f"{'op':<21}{'family':<13}{'on CPU tensors':<28}{'on CUDA tensors'}",
     ]
-    lines += [f"{op:<21}{_backend(op, 'cpu'):<28}{_backend(op, 'cuda')}" for op in OPS]
+    lines += [f"{r.name:<21}{r.family:<13}{_backend(r.name, 'cpu'):<28}{_backend(r.name, 'cuda')}" for r in REGISTRY]
     return "\n".join(lines)
 
 

@@ -2,12 +2,10 @@
 // Loops::stats<scalar_t>(call, mean, var) and Loops::backward<scalar_t>(call, grad_mean, grad_var, mean, dx).
 #pragma once
 
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <utility>
-
 #include "bn_stats.h"
+#include "dispatch.h"
 
 namespace ddg {
 
@@ -15,12 +13,12 @@ template <class Loops>
 const BnStatsKernels& bn_stats_kernels() {
   static const BnStatsKernels kernels{
       [](const BnCall& call, at::Tensor& mean, at::Tensor& var) {
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.x.scalar_type(), "ddg.bn_stats",
+        DDG_DISPATCH_FLOATING(call.x.scalar_type(), "ddg.bn_stats",
                                         [&] { Loops::template stats<scalar_t>(call, mean, var); });
       },
       [](const BnCall& call, const at::Tensor& grad_mean, const at::Tensor& grad_var, const at::Tensor& mean,
          at::Tensor& dx) {
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.x.scalar_type(), "ddg.bn_stats_backward",
+        DDG_DISPATCH_FLOATING(call.x.scalar_type(), "ddg.bn_stats_backward",
                                         [&] { Loops::template backward<scalar_t>(call, grad_mean, grad_var, mean, dx); });
       }};
   return kernels;
@@ -28,12 +26,10 @@ const BnStatsKernels& bn_stats_kernels() {
 
 // Declares the Loops struct of a backend from its typed functions bn_stats_typed and
 // bn_backward_typed (templates on scalar_t).
-#define DDG_BN_STATS_LOOPS(NAME)                                                                     \
-  struct NAME {                                                                                      \
-    template <typename scalar_t, typename... Args>                                                   \
-    static void stats(Args&&... a) { bn_stats_typed<scalar_t>(std::forward<Args>(a)...); }           \
-    template <typename scalar_t, typename... Args>                                                   \
-    static void backward(Args&&... a) { bn_backward_typed<scalar_t>(std::forward<Args>(a)...); }     \
+#define DDG_BN_STATS_LOOPS(NAME)                \
+  struct NAME {                                 \
+    DDG_TYPED_LOOP(stats, bn_stats_typed)       \
+    DDG_TYPED_LOOP(backward, bn_backward_typed) \
   }
 
 // Registers the ops of one backend whose kernel table Kernels() returns (it may check first

@@ -3,17 +3,12 @@
 // CPU table is built in csrc/cpu/guidance.cpp and registered by csrc/host/register_cpu.cpp.
 #pragma once
 
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <utility>
-
+#include "dispatch.h"
 #include "guidance.h"
 
 namespace ddg {
-
-#define DDG_DISPATCH_FLOATING(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 // The dtype-dispatched entry points of a backend whose typed loops are the static member
 // templates Loops::cfg_forward<scalar_t>, cfg_backward, dmd_forward and dmd_backward.
@@ -43,16 +38,12 @@ const GuidanceKernels& guidance_kernels() {
 
 // Declares the Loops struct of a backend from its typed loop functions cfg_forward_typed,
 // cfg_backward_typed, dmd_forward_typed and dmd_backward_typed (templates on scalar_t).
-#define DDG_GUIDANCE_LOOPS(NAME)                                                                       \
-  struct NAME {                                                                                        \
-    template <typename scalar_t, typename... Args>                                                     \
-    static void cfg_forward(Args&&... a) { cfg_forward_typed<scalar_t>(std::forward<Args>(a)...); }    \
-    template <typename scalar_t, typename... Args>                                                     \
-    static void cfg_backward(Args&&... a) { cfg_backward_typed<scalar_t>(std::forward<Args>(a)...); }  \
-    template <typename scalar_t, typename... Args>                                                     \
-    static void dmd_forward(Args&&... a) { dmd_forward_typed<scalar_t>(std::forward<Args>(a)...); }    \
-    template <typename scalar_t, typename... Args>                                                     \
-    static void dmd_backward(Args&&... a) { dmd_backward_typed<scalar_t>(std::forward<Args>(a)...); }  \
+#define DDG_GUIDANCE_LOOPS(NAME)                         \
+  struct NAME {                                          \
+    DDG_TYPED_LOOP(cfg_forward, cfg_forward_typed)       \
+    DDG_TYPED_LOOP(cfg_backward, cfg_backward_typed)     \
+    DDG_TYPED_LOOP(dmd_forward, dmd_forward_typed)       \
+    DDG_TYPED_LOOP(dmd_backward, dmd_backward_typed)     \
   }
 
 // Registers the ops of one backend whose kernel table Kernels() returns (it may check first

@@ -2,52 +2,47 @@
 // prepare, modulate, modulate_backward, gated, gated_backward, loss, loss_backward, cond_rows_sum.
 #pragma once
 
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <utility>
-
+#include "dispatch.h"
 #include "split_token.h"
 
 namespace ddg {
-
-#define DDG_SPLIT_TOKEN_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 template <class Loops>
 const SplitTokenKernels& split_token_kernels() {
   static const SplitTokenKernels kernels{
       [](const PrepareCall& c, at::Tensor& x_t, at::Tensor& x0) {
-        DDG_SPLIT_TOKEN_DISPATCH(c.features.scalar_type(), "ddg.split_token_prepare",
+        DDG_DISPATCH_FLOATING(c.features.scalar_type(), "ddg.split_token_prepare",
                                  [&] { Loops::template prepare<scalar_t>(c, x_t, x0); });
       },
       [](const ModulateCall& c, at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) {
-        DDG_SPLIT_TOKEN_DISPATCH(c.x.scalar_type(), "ddg.adaln_modulate",
+        DDG_DISPATCH_FLOATING(c.x.scalar_type(), "ddg.adaln_modulate",
                                  [&] { Loops::template modulate<scalar_t>(c, out, mean, rstd); });
       },
       [](const ModulateCall& c, const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& gx,
          at::Tensor& gw, at::Tensor& gb, at::Tensor& gs) {
-        DDG_SPLIT_TOKEN_DISPATCH(c.x.scalar_type(), "ddg.adaln_modulate_backward",
+        DDG_DISPATCH_FLOATING(c.x.scalar_type(), "ddg.adaln_modulate_backward",
                                  [&] { Loops::template modulate_backward<scalar_t>(c, g, mean, rstd, gx, gw, gb, gs); });
       },
       [](const GatedCall& c, at::Tensor& out) {
-        DDG_SPLIT_TOKEN_DISPATCH(c.x.scalar_type(), "ddg.gated_residual",
+        DDG_DISPATCH_FLOATING(c.x.scalar_type(), "ddg.gated_residual",
                                  [&] { Loops::template gated<scalar_t>(c, out); });
       },
       [](const GatedCall& c, const at::Tensor& g, at::Tensor& gh, at::Tensor& gg) {
-        DDG_SPLIT_TOKEN_DISPATCH(c.h.scalar_type(), "ddg.gated_residual_backward",
+        DDG_DISPATCH_FLOATING(c.h.scalar_type(), "ddg.gated_residual_backward",
                                  [&] { Loops::template gated_backward<scalar_t>(c, g, gh, gg); });
       },
       [](const LossCall& c, at::Tensor& loss, at::Tensor& mse) {
-        DDG_SPLIT_TOKEN_DISPATCH(c.noise.scalar_type(), "ddg.diffusion_loss",
+        DDG_DISPATCH_FLOATING(c.noise.scalar_type(), "ddg.diffusion_loss",
                                  [&] { Loops::template loss<scalar_t>(c, loss, mse); });
       },
       [](const LossCall& c, const at::Tensor& g, at::Tensor& grad) {
-        DDG_SPLIT_TOKEN_DISPATCH(c.noise.scalar_type(), "ddg.diffusion_loss_backward",
+        DDG_DISPATCH_FLOATING(c.noise.scalar_type(), "ddg.diffusion_loss_backward",
                                  [&] { Loops::template loss_backward<scalar_t>(c, g, grad); });
       },
       [](const CondSumCall& c, at::Tensor& out) {
-        DDG_SPLIT_TOKEN_DISPATCH(c.rows.scalar_type(), "ddg.cond_rows_sum",
+        DDG_DISPATCH_FLOATING(c.rows.scalar_type(), "ddg.cond_rows_sum",
                                  [&] { Loops::template cond_rows_sum<scalar_t>(c, out); });
       }};
   return kernels;
@@ -55,9 +50,7 @@ const SplitTokenKernels& split_token_kernels() {
 
 // Declares the Loops struct of a backend from its typed functions
 // (<name>_typed<scalar_t>(...) for each entry of SplitTokenKernels).
-#define DDG_SPLIT_TOKEN_LOOP(NAME)                                                          \
-  template <typename scalar_t, typename... Args>                                            \
-  static void NAME(Args&&... a) { NAME##_typed<scalar_t>(std::forward<Args>(a)...); }
+#define DDG_SPLIT_TOKEN_LOOP(NAME) DDG_TYPED_LOOP(NAME, NAME##_typed)
 #define DDG_SPLIT_TOKEN_LOOPS(NAME)                                                        \
   struct NAME {                                                                             \
     DDG_SPLIT_TOKEN_LOOP(prepare)                                                           \

@@ -14,17 +14,17 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
 from .._ext import STATE as EXTENSION, use_kernel
+from ..op_registry import REGISTRY
 from ._utils import (Timing, append_rows, assert_matches, case_rows, copy_ceiling_gbps, environment, peak_mem_mb,
                      print_table, time_fn)
 
-# Family name -> module; a new family is one more entry here.
-FAMILIES = {"guidance": "ddg_ops.bench.guidance", "bn_stats": "ddg_ops.bench.bn_stats",
-            "split_token": "ddg_ops.bench.split_token"}
+# Family name -> module: every family a registry row's bench names (ddg_ops/bench/<family>.py).
+FAMILIES = {family: f"ddg_ops.bench.{family}" for family in dict.fromkeys(r.bench.family for r in REGISTRY if r.bench)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Seconds of timing per (provider, case): full runs stay under ~15 min on a 2-core CPU,
 # torch.compile warm-ups included; --quick is a CI smoke test.
@@ -36,9 +36,10 @@ CEILING_BYTES = {"cpu": 512 * 2**20, "cuda": 2 * 2**30}
 MAY_FAIL = {"compile"}
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ddg_ops.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("family", choices=sorted(FAMILIES))
+def parse_args(argv: Sequence[str] | None, families: Mapping[str, str] = FAMILIES,
+               prog: str = "python -m ddg_ops.bench") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("family", choices=sorted(families))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES),
                         help="default: the family's DEFAULT_DTYPES, else float32 and bfloat16")
@@ -88,9 +89,12 @@ def bench_case(family, case, providers: Sequence[str], dtype: torch.dtype, devic
     return timings
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    family = importlib.import_module(FAMILIES[args.family])
+def main(argv: Sequence[str] | None = None, families: Optional[Mapping[str, str]] = None,
+         prog: str = "python -m ddg_ops.bench") -> None:
+    """Run one family of ``families`` (default: the op families of ddg_ops.op_registry)."""
+    families = FAMILIES if families is None else families
+    args = parse_args(argv, families, prog)
+    family = importlib.import_module(families[args.family])
     providers = _select_providers(args.providers, family)
     device = torch.device(args.device)
     if "ddg" in providers and not use_kernel(torch.empty(0, device=device)):

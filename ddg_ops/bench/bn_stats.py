@@ -5,7 +5,7 @@ weight 1) on the BatchNorm inputs of a ResNet-34, NCHW and channels-last.
 the backward of the loss into x (x requires grad).
 
 Providers:
-  ddg         ddg_ops.functional.bn_stats_loss (one Welford pass, one elementwise backward)
+  ddg         ddg_ops.bn_stats_loss (one Welford pass, one elementwise backward)
   eager       ddg_ops.reference.bn_stats_loss: DeepInversion-style mean + permute/contiguous/var,
               and the test oracle, so this baseline cannot drift from what the tests check
   eager_best  hand-optimised eager: one torch.var_mean pass (see _best_stats), the same loss math
@@ -23,7 +23,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from .. import functional, reference
+from .. import reference
+from ..bn_stats import bn_stats_loss
 from ..reference import BNStatsLossOutput
 from ._utils import Timing, case_rows
 
@@ -80,7 +81,7 @@ def _best_bn_stats_loss(x: torch.Tensor, target_mean: torch.Tensor, target_var: 
 
 IMPLS: Dict[str, Callable] = {
     provider: functools.partial(fn, form=FORM, weight=1.0)
-    for provider, fn in (("ddg", functional.bn_stats_loss), ("eager", reference.bn_stats_loss),
+    for provider, fn in (("ddg", bn_stats_loss), ("eager", reference.bn_stats_loss),
                          ("eager_best", _best_bn_stats_loss))}
 
 

@@ -1,7 +1,7 @@
 """Guidance family: cfg_combine (plain and rescaled), cfg_step (DDIM, Euler) and dmd_grad.
 
 Providers:
-  ddg         ddg_ops.functional (the fused kernels)
+  ddg         ddg_ops.guidance (the fused kernels)
   eager       ddg_ops.reference: the straightforward code users write, and the test oracle,
               so this baseline cannot drift from what the tests check
   eager_best  hand-optimised eager: torch.lerp, folded coefficients, in-place updates
@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from .. import functional, reference
+from .. import guidance as ops, reference
 from .._types import opmath_dtype, per_sample
 from ..reference import DMDGradOutput
 
@@ -129,18 +129,18 @@ _STEP = ("sample", "uncond", "cond")
 
 KERNELS = {k.name: k for k in (
     # backward: read grad_output, write one grad per differentiable operand.
-    _kernel("cfg_combine", _CFG, _CFG, functional.cfg_combine, reference.cfg_combine, _best_cfg_combine,
+    _kernel("cfg_combine", _CFG, _CFG, ops.cfg_combine, reference.cfg_combine, _best_cfg_combine,
             (3, 0), (3, 0), scale=7.5),
     # The rescale backward also needs uncond and cond again (the per-sample std gradients).
-    _kernel("cfg_combine_rescale", _CFG, _CFG, functional.cfg_combine, reference.cfg_combine,
+    _kernel("cfg_combine_rescale", _CFG, _CFG, ops.cfg_combine, reference.cfg_combine,
             _best_cfg_combine, (3, 0), (5, 0), scale=7.5, rescale=0.7),
-    _kernel("cfg_step_ddim", _STEP, _STEP, functional.cfg_step, reference.cfg_step, _best_cfg_step,
+    _kernel("cfg_step_ddim", _STEP, _STEP, ops.cfg_step, reference.cfg_step, _best_cfg_step,
             (4, 0), (4, 0), scale=7.5, update="ddim_epsilon", coef_t=0.5, coef_next=0.6),
-    _kernel("cfg_step_euler", _STEP, _STEP, functional.cfg_step, reference.cfg_step, _best_cfg_step,
+    _kernel("cfg_step_euler", _STEP, _STEP, ops.cfg_step, reference.cfg_step, _best_cfg_step,
             (4, 0), (4, 0), scale=7.5, update="euler", coef_t=0.8, coef_next=0.75),
     # Velocity dmd_grad reads the teacher pair and fake (not x) and writes fp32 g; its backward
     # reads g and writes dL/dx. Only x, the generator output, gets a gradient.
-    _kernel("dmd_grad", ("x", "uncond", "cond", "fake"), ("x",), functional.dmd_grad, reference.dmd_grad,
+    _kernel("dmd_grad", ("x", "uncond", "cond", "fake"), ("x",), ops.dmd_grad, reference.dmd_grad,
             _best_dmd_grad, (3, 1), (1, 1), target=lambda out: out.loss, scale=3.5, prediction="velocity"),
 )}
 

@@ -18,7 +18,7 @@ import torch
 from .._ext import STATE as EXTENSION
 from ..testing import DTYPES
 from .bandwidth import Row, measure
-from .cases import CASES, SIZES
+from ..op_registry import REGISTRY, SIZES
 from .checks import CheckReport, Grid, registered_ops, run_checks
 from .facts import arch_coverage, collect
 
@@ -35,7 +35,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="moderate instead of multi-million-element shapes, "
                                                              "fp32 only and shorter timing in the bandwidth table")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the report as JSON to PATH")
-    parser.add_argument("--ops", nargs="+", choices=[c.name for c in CASES], help="check only these ops")
+    parser.add_argument("--ops", nargs="+", choices=[c.name for c in REGISTRY], help="check only these ops")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPE_NAMES), help="check only these dtypes")
     parser.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES), help="shape classes to check")
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth table")
@@ -73,8 +73,8 @@ def _print_checks(report: CheckReport, total_points: int) -> None:
         ran = ", ".join(f"{op}: {'/'.join(d) or 'never'}" for op, d in report.ran_on.items() if op.startswith(s.op))
         print(f"{s.op:<22}{s.points:>8}{s.failed_points:>8}{s.seconds:>9.1f}  {ran}")
     for op in report.uncovered:
-        print(f"NO CHECK: torch.ops.ddg.{op} is registered but no self-test case covers it "
-              "(add one to ddg_ops/selftest/cases.py)")
+        print(f"NO CHECK: torch.ops.ddg.{op} is registered but no registry row covers it "
+              "(add its row to ddg_ops/op_registry/<family>.py)")
     for case, ops in report.not_run.items():
         print(f"NOT RUN: {case}: {', '.join(ops)} never executed on this device (the op fell back to the reference?)")
     if report.mismatches:
@@ -134,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtypes = tuple(DTYPE_NAMES[d] for d in args.dtype) if args.dtype else tuple(DTYPES)
     grid = Grid(quick=args.quick, dtypes=dtypes, sizes=tuple(args.sizes), ops=tuple(args.ops) if args.ops else None)
     print(f"ddg_ops self-test on {device.type}{' (quick)' if args.quick else ''}: {len(ops)} operators registered "
-          f"under torch.ops.ddg; {len(CASES)} op cases over dtypes x layouts x shapes (odd, large, empty), "
+          f"under torch.ops.ddg; {len(REGISTRY)} registry rows over dtypes x layouts x shapes (odd, large, empty), "
           "forward and backward")
     report = run_checks(device, grid, progress=lambda s: print(f"  checked {s.op}: {s.points} points, "
                                                                f"{s.failed_points} failed, {s.seconds:.1f} s",

@@ -18,20 +18,19 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..testing import DTYPES, difference, leaves, magnitude
-from .cases import CASES, SIZES, Call, OpCase
+from ..op_registry import REGISTRY, SIZES, Call, OpInfo, registered_schemas
 
 NAMESPACE = "ddg"
 
 
 def registered_ops() -> List[str]:
-    """Every operator registered under torch.ops.ddg (forward and backward ops), from the schemas."""
-    prefix = NAMESPACE + "::"
-    return sorted({s.name[len(prefix):] for s in torch._C._jit_get_all_schemas() if s.name.startswith(prefix)})
+    """Every operator registered under torch.ops.ddg (forward and backward ops)."""
+    return registered_schemas(NAMESPACE)
 
 
-def uncovered_ops(cases: Sequence[OpCase] = CASES) -> List[str]:
-    """Registered operators that no case exercises: a new op needs a case before the self-test passes."""
-    covered = {op for case in cases for op in case.covers}
+def uncovered_ops(cases: Sequence[OpInfo] = REGISTRY) -> List[str]:
+    """Registered operators that no registry row exercises: a new op needs a row before the self-test passes."""
+    covered = {op for case in cases for op in case.schemas}
     return [op for op in registered_ops() if op not in covered]
 
 
@@ -90,7 +89,7 @@ class CheckReport:
     mismatches: List[Mismatch] = field(default_factory=list)
     summaries: Dict[str, CaseSummary] = field(default_factory=dict)
     uncovered: List[str] = field(default_factory=list)
-    # Operators a case names in ``covers`` that never ran on the device (fallback to the reference).
+    # Operators a row names in ``schemas`` that never ran on the device (fallback to the reference).
     not_run: Dict[str, List[str]] = field(default_factory=dict)
     # op -> device types it ran on.
     ran_on: Dict[str, List[str]] = field(default_factory=dict)
@@ -109,7 +108,7 @@ class Grid:
     ops: Optional[Tuple[str, ...]] = None  # case names; None: all
     shapes_per_size: Optional[int] = None  # the first n shapes of each size class; None: all
 
-    def points(self, case: OpCase) -> Iterable[Point]:
+    def points(self, case: OpInfo) -> Iterable[Point]:
         for size in self.sizes:
             for shape in case.grid_shapes(size, self.quick)[:self.shapes_per_size]:
                 for layout in case.layouts_for(shape, size):
@@ -181,7 +180,7 @@ def _compare(point: Point, call: Call, seen: Set[Tuple[str, str]], kernel_thread
     return bad
 
 
-def run_checks(device: torch.device, grid: Grid = Grid(), cases: Sequence[OpCase] = CASES, seed: int = 0,
+def run_checks(device: torch.device, grid: Grid = Grid(), cases: Sequence[OpInfo] = REGISTRY, seed: int = 0,
                progress=None) -> CheckReport:
     """Every point of ``grid`` for every case (``grid.ops`` selects cases). An exception at a point is
     a mismatch too (named 'error'), so one broken kernel does not hide the rest."""
@@ -199,7 +198,7 @@ def run_checks(device: torch.device, grid: Grid = Grid(), cases: Sequence[OpCase
     return report
 
 
-def _run_case(case: OpCase, device: torch.device, grid: Grid, seed: int, report: CheckReport, threads: int) -> None:
+def _run_case(case: OpInfo, device: torch.device, grid: Grid, seed: int, report: CheckReport, threads: int) -> None:
     """All grid points of one case into ``report``; which of its operators ran, and where."""
     seen: Set[Tuple[str, str]] = set()
     summary = report.summaries.setdefault(case.name, CaseSummary(case.name))
@@ -222,8 +221,8 @@ def _run_case(case: OpCase, device: torch.device, grid: Grid, seed: int, report:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     summary.seconds = time.perf_counter() - start
-    for op in case.covers:
+    for op in case.schemas:
         report.ran_on[op] = sorted(d for o, d in seen if o == op)
-    missing = [op for op in case.covers if device.type not in report.ran_on[op]]
+    missing = [op for op in case.schemas if device.type not in report.ran_on[op]]
     if missing and summary.points:
         report.not_run[case.name] = missing

@@ -1,11 +1,51 @@
-"""torch.compile(fullgraph=True) of code that uses the ops equals eager (forward and backward)."""
+"""torch.compile(fullgraph=True) of code that uses the ops equals eager (forward and backward): every
+registry row at one odd, non-contiguous point of each variant, then training-like graphs."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ddg_ops
+from ddg_ops.op_registry import REGISTRY
+from ddg_ops.testing import leaves
 
 pytestmark = pytest.mark.requires_ext
+
+
+def _row_points():
+    for row in REGISTRY:
+        shape = row.shapes["odd"][0]
+        layout = row.layouts_for(shape)[-1]  # the last layout: sliced or transposed, never plain
+        for variant in row.variants:
+            yield pytest.param(row, shape, layout, variant, id=f"{row.name}-{layout}-{variant}")
+
+
+@pytest.mark.parametrize("row,shape,layout,variant", list(_row_points()))
+def test_compile_fullgraph_row_matches_eager(row, shape, layout, variant):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    call = row.build(shape, torch.float32, layout, variant, torch.device("cpu"))
+    eager_in = leaves(call.inputs, call.differentiable, False)
+    compiled_in = {k: v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor)
+                   and v.is_floating_point() else v for k, v in eager_in.items()}
+    eager = call.run(**eager_in)
+    got = torch.compile(call.run, fullgraph=True, backend="aot_eager")(**compiled_in)
+    assert len(got) == len(eager)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    names = [n for n in call.differentiable if isinstance(eager_in.get(n), torch.Tensor)]
+    outs = [(a, b) for a, b in zip(got, eager) if b.requires_grad]
+    if not names or not outs:
+        return
+    grad_outs = [torch.randn_like(b) for _, b in outs]
+    g_eager = torch.autograd.grad([b for _, b in outs], [eager_in[n] for n in names], grad_outs, allow_unused=True)
+    g_got = torch.autograd.grad([a for a, _ in outs], [compiled_in[n] for n in names], grad_outs, allow_unused=True)
+    for name, a, b in zip(names, g_got, g_eager):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"grad_{name}: {m}")
+
+
+# ------------------------------------------------------------------------------ training-like graphs
 
 
 def _step(x, u, c, f, w):
@@ -110,3 +150,21 @@ def test_compile_cond_rows_sum_and_its_gradient():
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(g_out, g_eager)
     assert torch.equal(g_out, (ci.float() + 1)[:, None].expand(7, 9))  # d/d row r = weight of its condition
+
+
+def test_compile_bn_stats_loss_behind_a_conv():
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(3, 8, 3)
+    tm, tv = torch.randn(8), torch.rand(8) + 0.5
+
+    def fn(img):
+        return ddg_ops.bn_stats_loss(conv(img), tm, tv).loss
+
+    img = torch.randn(2, 3, 12, 12, requires_grad=True)
+    eager = fn(img)
+    (g_eager,) = torch.autograd.grad(eager, img)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(img)
+    (g_out,) = torch.autograd.grad(out, img)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g_out, g_eager)

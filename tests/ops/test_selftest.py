@@ -1,5 +1,6 @@
 """python -m ddg_ops.selftest: its check core on a tiny grid, that it catches a wrong forward and a wrong
 backward kernel, that every registered op has a case, and its exit statuses."""
+import dataclasses
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import ddg_ops
 from ddg_ops.selftest import Grid, registered_ops, run_checks, uncovered_ops
 from ddg_ops.selftest.__main__ import EXIT_MISMATCH, EXIT_OK, EXIT_UNAVAILABLE, main
-from ddg_ops.selftest.cases import CASES, OpCase
+from ddg_ops.op_registry import REGISTRY as CASES
 from ddg_ops.selftest.facts import arch_coverage
 
 pytestmark = pytest.mark.requires_ext
@@ -22,7 +23,7 @@ def test_every_registered_op_has_a_case():
     ops = registered_ops()
     assert "cfg_combine" in ops and "cfg_combine_backward" in ops
     assert uncovered_ops() == []
-    named = {op for case in CASES for op in case.covers}
+    named = {op for case in CASES for op in case.schemas}
     assert named == set(ops), f"cases name operators that are not registered: {sorted(named - set(ops))}"
 
 
@@ -98,7 +99,8 @@ def test_an_exception_is_a_failure_of_that_point():
     def broken(shape, dtype, layout, variant, device):
         raise RuntimeError("no kernel image is available for execution on the device")
 
-    case = OpCase("cfg_combine", ("cfg_combine",), {"odd": ((3, 4),)}, ("contiguous",), ("scale",), broken)
+    case = dataclasses.replace(CASES[0], schemas=("cfg_combine",), shapes={"odd": ((3, 4),)}, layouts=("contiguous",),
+                               variants=("scale",), build=broken)
     report = run_checks(CPU, Grid(quick=True, dtypes=(torch.float32,), sizes=("odd",), ops=("cfg_combine",)),
                         cases=(case,) + CASES[1:])
     assert [m.result for m in report.mismatches] == ["error"]

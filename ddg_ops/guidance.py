@@ -1,9 +1,10 @@
-"""Public functional API: guidance and BN-statistics ops here, split-token ops re-exported.
+"""Guidance ops (csrc/*/guidance.*): classifier-free guidance, CFG fused with one sampler step, and
+the distribution-matching gradient of DMD.
 
-Each function validates its arguments, then runs the compiled kernel for CPU/CUDA tensors
-when the extension is loaded, and the pure-PyTorch reference otherwise. Results are in
-the input dtype with fp32 accumulation (fp64 for fp64 inputs). All functions support
-autograd (coefficients are constants) and torch.compile(fullgraph=True).
+Each function validates its arguments, then runs the compiled kernel for CPU/CUDA tensors when
+the extension is loaded, and the pure-PyTorch reference otherwise. Results are in the input
+dtype with fp32 accumulation (fp64 for fp64 inputs). All functions support autograd
+(coefficients are constants) and torch.compile(fullgraph=True).
 """
 from __future__ import annotations
 
@@ -14,22 +15,16 @@ import torch
 from . import reference
 from ._ext import use_kernel
 from ._types import opmath_dtype
-from ._validate import check_choice, check_in_range, check_operands, check_number, check_per_sample, check_tensor
-from ._distributed import merge_channel_stats
-from .reference import BNStatsLossOutput, DMDGradOutput
-from .split_token import *  # noqa: F401,F403
-from .split_token import __all__ as _split_token_all
+from ._validate import check_choice, check_in_range, check_operands, check_per_sample
+from .reference import DMDGradOutput
 
 Scalar = Union[float, torch.Tensor]
 
 CFG_STEP_UPDATES = ("ddim_epsilon", "ddim_v_prediction", "euler")
 DMD_PREDICTIONS = ("velocity", "epsilon")
 
-BN_LOSS_FORMS = ("unsquared", "squared")
-
 __all__ = ["cfg_combine", "cfg_step", "ddim_cfg_step", "euler_cfg_step", "dmd_grad", "DMDGradOutput",
-           "bn_stats", "bn_stats_loss", "BNStatsLossOutput", "CFG_STEP_UPDATES", "DMD_PREDICTIONS", "BN_LOSS_FORMS",
-           *_split_token_all]
+           "CFG_STEP_UPDATES", "DMD_PREDICTIONS"]
 
 
 def _as_op_scalar(value: Scalar, batch: int) -> Tuple[float, Optional[torch.Tensor]]:
@@ -151,54 +146,3 @@ def dmd_grad(x: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor, fake: to
     s, s_ps = _as_op_scalar(scale, batch)
     ab = None if alpha_bar is None else _per_sample_tensor(alpha_bar, ref)
     return DMDGradOutput(*torch.ops.ddg.dmd_grad(x, uncond, cond, fake, s, s_ps, prediction, x_t, ab))
-
-
-def _check_feature_map(op: str, x: torch.Tensor) -> None:
-    check_operands(op, x=x)
-    if x.ndim < 2:
-        raise ValueError(f"ddg.{op}: 'x' must be [N, C, ...] (at least 2-D), got shape {tuple(x.shape)}")
-    if x.numel() == 0:
-        raise ValueError(f"ddg.{op}: 'x' must have elements to take statistics of, got shape {tuple(x.shape)}")
-
-
-def bn_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel batch mean and biased variance of a feature map, as BatchNorm computes them.
-
-    ``x`` is [N, C, *] (NCHW, NC, NCL, ...; contiguous, channels-last or any strides); the
-    statistics run over every dim but 1 in one Welford/Chan pass with fp32 accumulation
-    (fp64 for fp64). Returns fp32 (fp64) [C] tensors; differentiable w.r.t. ``x``, the
-    backward being one elementwise pass dL/dx = a_c + b_c * (x - mean_c).
-    """
-    _check_feature_map("bn_stats", x)
-    if not use_kernel(x):
-        return reference.bn_stats(x)
-    return tuple(torch.ops.ddg.bn_stats(x))
-
-
-def bn_stats_loss(x: torch.Tensor, target_mean: torch.Tensor, target_var: torch.Tensor, *, form: str = "unsquared",
-                  weight: float = 1.0, sync: bool = False, process_group=None) -> BNStatsLossOutput:
-    """BN-statistics alignment loss of DeepInversion / DDIS (specs/ddis.md §4).
-
-    ``weight * R`` with R = ||var - target_var||_2 + ||mean - target_mean||_2 (form='unsquared',
-    DeepInversion and the DDIS code) or ||mean - target_mean||^2 + ||var - target_var||^2
-    (form='squared', the DDIS paper); mean/var are ``bn_stats(x)``, the targets a BN layer's
-    running statistics (constants). With ``sync=True`` the statistics are merged across the
-    processes of ``process_group`` (default: the world) as SyncBatchNorm does, so every rank
-    gets the loss of the global batch and each rank's ``x`` the exact gradient of it (right for
-    optimising inputs, as DeepInversion and DAG do). Under DDP, which averages parameter
-    gradients over ranks, multiply the loss by the world size to weight it as SyncBatchNorm would.
-    """
-    op = "bn_stats_loss"
-    check_choice(op, "form", form, BN_LOSS_FORMS)
-    check_number(op, "weight", weight)
-    _check_feature_map(op, x)
-    channels = x.shape[1]
-    for name, t in (("target_mean", target_mean), ("target_var", target_var)):
-        check_tensor(op, name, t)
-        if t.shape != (channels,) or not t.is_floating_point() or t.device != x.device:
-            raise ValueError(f"ddg.{op}: '{name}' must be a floating [C] = [{channels}] tensor on {x.device} "
-                             f"(a BN layer's running statistics), got {t.dtype} {tuple(t.shape)} on {t.device}")
-    mean, var = bn_stats(x)
-    if sync:
-        mean, var = merge_channel_stats(mean, var, x.numel() // channels, process_group)
-    return BNStatsLossOutput(weight * reference.bn_alignment(mean, var, target_mean, target_var, form), mean, var)
