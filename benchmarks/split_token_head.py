@@ -1,13 +1,13 @@
-"""GenDD's split-token diffusion head as a module benchmark (specs/gendd.md §3): one training step
+"""GenDD's split-token diffusion head as a module benchmark (docs/methods/gendd.md §3): one training step
 and one sampling call.
 
-Kernels (cases) are the spec's configurations: ``train_<pair>`` is one GenDD step of the head, the
+Kernels (cases) are GenDD's configurations: ``train_<pair>`` is one GenDD step of the head, the
 targets (contraction 0.9, mixup, split, replication x R, noising), the head forward on M = B N R
 rows, the IDDPM hybrid loss and ('full') its backward into the head and the student's condition;
 ``sample_<pair>`` is one evaluation call (n_s = 5 samples averaged, CFG 2, respaced DDPM). Shapes
-are (B, D_T, D_S, R, W) for training and (B, D_T, D_S, n_s, steps, W) for sampling; on CUDA B is the
-spec's 64 with the spec's step counts; on CPU the training batch is 8 (the per-row cost is the same) and
-sampling runs a few steps at a batch that keeps the spec's 640 rows per step (the work per step does
+are (B, D_T, D_S, R, W) for training and (B, D_T, D_S, n_s, steps, W) for sampling; on CUDA B is GenDD's
+64 with GenDD's step counts; on CPU the training batch is 8 (the per-row cost is the same) and
+sampling runs a few steps at a batch that keeps GenDD's 640 rows per step (the work per step does
 not depend on the step count; with few rows per step the GEMMs are weight-bandwidth bound, which
 hides the FLOPs removed).
 
@@ -49,7 +49,7 @@ DEFAULT_DTYPES = ("float32",)  # bf16 GEMMs without AMX are slower than fp32 on 
 TOKEN = 64
 CONTRACTION, CFG_SCALE, NUM_SAMPLES = 0.9, 2.0, 5
 
-# (D_T, D_S, R) of the spec's per-step shape table.
+# (D_T, D_S, R) of GenDD's per-step shape table.
 TRAIN = {"train_cifar_res56_res20": (64, 64, 30), "train_cifar_wrn40_2_wrn16_2": (128, 128, 30),
          "train_cifar_res32x4_res8x4": (256, 256, 30), "train_cifar_vgg13_vgg8": (512, 512, 30),
          "train_imagenet_r34_r18": (512, 512, 10), "train_imagenet_r50_mv1": (2048, 1024, 10)}
@@ -82,7 +82,7 @@ def min_bytes(kernel: str, shape: Sequence[int], dtype: torch.dtype, mode: str) 
 
 
 def _randomize(module: torch.nn.Module, gen: torch.Generator) -> None:
-    """Non-zero weights everywhere (the spec's init zeroes the adaLN and output layers, which would
+    """Non-zero weights everywhere (GenDD's init zeroes the adaLN and output layers, which would
     make the backward trivial): N(0, 1/fan_in) matrices, N(0, 0.1^2) vectors."""
     with torch.no_grad():
         for p in module.parameters():

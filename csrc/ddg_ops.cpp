@@ -25,7 +25,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(ddg, m) {
-  // ---- guidance family (specs/kernels.md §6, specs/dpdmd.md §3.4)
+  // ---- guidance family (docs/benchmarks.md §1, docs/methods/dpdmd.md §3.4)
   // out = uncond + s*(cond - uncond), optionally guidance-rescaled; stats are the
   // per-sample [mean_guided, var_guided, mean_cond, var_cond] backward needs ([0, 4] without rescale).
   m.def(
@@ -54,13 +54,13 @@ TORCH_LIBRARY(ddg, m) {
   // d(loss)/dx = grad_loss * grad / numel, in `dtype` (the dtype of x).
   m.def("dmd_grad_backward(Tensor grad_loss, Tensor grad, ScalarType dtype) -> Tensor");
 
-  // ---- bn_stats family (specs/ddis.md §4): per-channel batch mean and biased variance of an
+  // ---- bn_stats family (docs/methods/ddis.md §4): per-channel batch mean and biased variance of an
   // [N, C, *] feature map (fp32, fp64 for fp64) in one Welford/Chan pass; the backward is one
   // elementwise pass dx = grad_mean/M + 2 grad_var (x - mean)/M.
   m.def("bn_stats(Tensor x) -> (Tensor mean, Tensor var)");
   m.def("bn_stats_backward(Tensor grad_mean, Tensor grad_var, Tensor x, Tensor mean) -> Tensor");
 
-  // ---- split_token family (specs/gendd.md §3): GenDD's diffusion-head path.
+  // ---- split_token family (docs/methods/gendd.md §3): GenDD's diffusion-head path.
   // Targets: contraction + mixup + split into token_size chunks ([B*N, C] x0) + replica-outer
   // tiling to the M = len(timesteps) rows + q(x_t | x_0) noising. No gradient.
   m.def(

@@ -38,7 +38,7 @@ class BNStatAlignmentLoss(nn.Module):
 
     Hooks are registered on the classifier's BN layers; every forward of the classifier adds,
     per hooked layer l, ``s_l * R_l`` computed by :func:`ddg_ops.bn_stats_loss` on the layer's
-    **input** (the conv output) against its ``running_mean`` / ``running_var`` (specs/ddis.md §4, §5):
+    **input** (the conv output) against its ``running_mean`` / ``running_var`` (docs/methods/ddis.md §4, §5):
 
     * ``form='unsquared'`` (DeepInversion, DDIS code): R_l = ||running_var - var||_2 + ||running_mean - mean||_2
     * ``form='squared'`` (DDIS paper): R_l = ||mean - running_mean||^2 + ||var - running_var||^2

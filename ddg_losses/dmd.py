@@ -26,7 +26,7 @@ class DistributionMatchingLoss(nn.Module):
 
     g is the per-sample normalised difference between the real score (teacher CFG of
     uncond/cond with ``guidance_scale``) and the fake score, computed by the fused
-    ``dmd_grad`` op in fp32 (specs/dpdmd.md). The teacher and fake predictions get no gradient.
+    ``dmd_grad`` op in fp32 (docs/methods/dpdmd.md). The teacher and fake predictions get no gradient.
 
     Args:
         guidance_scale: CFG scale of the real score (DP-DMD: 3.5; DMD2 SDXL: 8).

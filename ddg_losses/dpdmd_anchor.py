@@ -1,4 +1,4 @@
-"""DP-DMD's anchor ("diversity") loss on the student's first step (specs/dpdmd.md §2.5a,c, kernel K4).
+"""DP-DMD's anchor ("diversity") loss on the student's first step (docs/methods/dpdmd.md §2.5a,c; docs/guidance_kernels.md §4, K4).
 
 The teacher runs k CFG Euler steps from the student's own noise x1 to z_k at sigma_k; the target is
 the average velocity from the noise to that state, v* = (x1 - z_k) / (1 - sigma_k), and the student's

@@ -1,4 +1,4 @@
-"""The fake-score loss of DMD / DMD2 / DP-DMD (specs/dpdmd.md §2.4, §3.2, kernel K5).
+"""The fake-score loss of DMD / DMD2 / DP-DMD (docs/methods/dpdmd.md §2.4, §3.2; docs/guidance_kernels.md §4, K5).
 
 The fake score learns the denoising of the *generator's* samples: noise the (detached) generator output
 at a random level and regress the model onto the flow-matching target eps - x (DP-DMD) or onto

@@ -1,11 +1,11 @@
 """GenDD's training loss: the student's pooled feature conditions a diffusion head that generates
-the (contracted, mixed) teacher feature, split into tokens (specs/gendd.md §2).
+the (contracted, mixed) teacher feature, split into tokens (docs/methods/gendd.md §2).
 
 ``GenDDLoss`` does one stage-2 step of the diffusion part: LayerNorm of the student feature,
 contraction of the teacher feature toward its class prototype, feature mixup, split tokens
 tiled ``batch_mul`` times, CFG dropout, noising and the diffusion loss of a
 ``SplitTokenDiffusionHead`` (IDDPM hybrid loss with learned variance, or epsilon MSE). The
-probe cross-entropy of §2.9 belongs to the training loop, not here.
+probe cross-entropy of docs/methods/gendd.md §2.9 belongs to the training loop, not here.
 """
 from __future__ import annotations
 

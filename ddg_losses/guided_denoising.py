@@ -1,6 +1,6 @@
 """The guided denoising loss: a frozen text-to-image teacher denoises the image through the student's context.
 
-Named for what it computes rather than for DDG, whose Stage II it is (specs/ddg.md §2.2): the teacher
+Named for what it computes rather than for DDG, whose Stage II it is (docs/methods/ddg.md §2.2): the teacher
 denoises the image's latent conditioned on the student's context c(x) instead of a prompt;
 L = mean ||eps_hat - target||^2 with the (domain-debiasing) CFG prediction eps_hat = eps_n + w (eps_c - eps_n).
 Gradients reach only c(x), so the loss trains whatever produced the context.

@@ -1,7 +1,7 @@
 """The image-text alignment loss: pull a feature towards an image embedding and its class text embedding.
 
 Named for what it computes rather than for DDG, whose Stage I it is (VL2V's ``DFC_STAGE1``,
-specs/ddg.md §2.1): L = lmd * (-cos(z, v)) + (1 - lmd) * (-cos(z, t_y)), batch mean, with z the student's
+docs/methods/ddg.md §2.1): L = lmd * (-cos(z, v)) + (1 - lmd) * (-cos(z, t_y)), batch mean, with z the student's
 projected feature, v the frozen CLIP image embedding and t_y the CLIP text embedding of the label's class prompt.
 """
 from __future__ import annotations

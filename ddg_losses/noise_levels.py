@@ -1,11 +1,11 @@
-"""Noise levels of the DMD and fake-score losses (specs/dpdmd.md §2.2, §3.2).
+"""Noise levels of the DMD and fake-score losses (docs/methods/dpdmd.md §2.2, §3.2).
 
 ``FlowMatchingNoise`` (DP-DMD): sigma is drawn uniformly from a table of sigmas (SD3.5-M: the 1000
 shifted sigmas of ``set_timesteps(1000)``, median 0.75), one per batch as the reference does or one
 per sample; x_sigma = (1 - sigma) x + sigma eps, target eps - x, model timestep 1000 sigma.
 ``DDPMNoise`` (DMD2): t uniform in [min_step, max_step), one per sample by default;
 x_t = sqrt(ab) x + sqrt(1 - ab) eps, target eps.
-Both mix in fp32 (the reference rounds sigma to bf16 first, §2.7) and return the latent dtype.
+Both mix in fp32 (the reference rounds sigma to bf16 first, docs/methods/dpdmd.md §2.7) and return the latent dtype.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Two-time-scale update rule (TTUR) of the generator and the fake score (specs/dpdmd.md §2.3, §3.2).
+"""Two-time-scale update rule (TTUR) of the generator and the fake score (docs/methods/dpdmd.md §2.3, §3.2).
 
 * ``mode='alternate'`` (DP-DMD): each iteration does one thing, the generator when
   ``(iteration + 1) % (ratio + 1) == 0`` and the fake score otherwise: ratio fake updates per

@@ -1,4 +1,4 @@
-"""DMD2's few-step generator for epsilon-prediction UNets: backward simulation (specs/dpdmd.md §3.2).
+"""DMD2's few-step generator for epsilon-prediction UNets: backward simulation (docs/methods/dpdmd.md §3.2).
 
 The generator is a DDPM epsilon model run at fixed timesteps (SD/SDXL 4-step: 999, 749, 499, 249). A
 training sample picks a step j (uniform, or given): j passes without gradient from fresh noise, each
@@ -42,7 +42,7 @@ class BackwardSimulationGenerator(nn.Module):
         t = self.timesteps[i]
         eps = model_prediction(self.model, x_t, batch_timestep(t, x_t), cond)
         ab = float(self.alphas_cumprod[t])
-        # fp64 scalars, fp32 math: the reference computes x0 in float64 (spec §3.2).
+        # fp64 scalars, fp32 math: the reference computes x0 in float64 (docs/methods/dpdmd.md §3.2).
         return ((x_t.float() - (1 - ab) ** 0.5 * eps.float()) / ab ** 0.5).to(x_t.dtype)
 
     def _renoise(self, x0: torch.Tensor, i: int, generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """DDIS' Class Alignment Token (CAT): one learned pseudo-word per class in a CLIP text encoder.
 
-Textual-inversion style (specs/ddis.md §3): a new token S_c per class is added to the tokenizer and to the
+Textual-inversion style (docs/methods/ddis.md §3): a new token S_c per class is added to the tokenizer and to the
 text encoder's input embedding (initialised from the embedding of ``initializer``, "a" in DDIS), the prompt
 is ``"a {S_c} {class name}"``, and only the new rows of the embedding matrix train. Everything else in the
 text encoder is frozen, the gradient of the embedding matrix is masked to the new rows (so clipping norms

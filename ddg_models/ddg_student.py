@@ -1,6 +1,6 @@
 """DDG's student: a backbone f, a projection P into the CLIP text space and a frozen zero-shot head W.
 
-logits = W(P(f(x))) (specs/ddg.md §2.0, VL2V's ``DFC_STAGE1``). The backbone (``vision_backbones``) also
+logits = W(P(f(x))) (docs/methods/ddg.md §2.0, VL2V's ``DFC_STAGE1``). The backbone (``vision_backbones``) also
 returns its token sequence for the visual-token conditioning adapter (``student_conditioning``).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DP-DMD's few-step generator: a deterministic Euler rollout of a flow-matching model (specs/dpdmd.md §2.2, §2.5b).
+"""DP-DMD's few-step generator: a deterministic Euler rollout of a flow-matching model (docs/methods/dpdmd.md §2.2, §2.5b).
 
 From noise x1 at sigma = 1 the student takes ``num_steps`` Euler steps x <- x + (sigma_{i+1} - sigma_i) * v
 on the shifted flow-matching grid of diffusers' FlowMatchEulerDiscreteScheduler (SD3.5-M: shift 3,

@@ -1,4 +1,4 @@
-"""The frozen Stable Diffusion teacher of DDG and its domain-debiasing guidance (specs/ddg.md §2.2).
+"""The frozen Stable Diffusion teacher of DDG and its domain-debiasing guidance (docs/methods/ddg.md §2.2).
 
 ``StableDiffusionTeacher`` is deliberately *not* an nn.Module: a student, a SWAD average or a checkpoint that
 holds a reference to it never copies or saves the ~4 GB of VAE + UNet + text encoder. Every component is frozen

@@ -1,6 +1,6 @@
 """The diffusion head of MAR / GenDD in its original layout, written as plain eager PyTorch.
 
-``SimpleMLPAdaLN`` is the per-row head of specs/gendd.md §3: every row carries its own
+``SimpleMLPAdaLN`` is the per-row head of docs/methods/gendd.md §3: every row carries its own
 timestep, condition vector and token id, and every layer runs on all rows. It keeps the
 parameter names of the released checkpoints (``input_proj``, ``time_embed.mlp.{0,2}``,
 ``cond_embed``, ``pos_embed``, ``res_blocks.{i}.in_ln`` / ``.mlp.{0,2}`` /

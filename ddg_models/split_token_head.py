@@ -1,4 +1,4 @@
-"""GenDD's split-token diffusion head with deduplicated conditioning (specs/gendd.md §3).
+"""GenDD's split-token diffusion head with deduplicated conditioning (docs/methods/gendd.md §3).
 
 The same function as ``SimpleMLPAdaLN`` (MAR / GenDD's head), laid out for speed:
 

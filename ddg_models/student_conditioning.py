@@ -1,6 +1,6 @@
 """Conditioning adapters: the student's output as Stable Diffusion cross-attention tokens c(x) [B, L, D_sd].
 
-specs/ddg.md §2.2 step 4 (both options are configuration):
+docs/methods/ddg.md §2.2 step 4 (both options are configuration):
 * A ``ProbabilityWeightedPromptAdapter`` (Diffusion-TTA's "implicit" conditioning): c = sum_k p_k E_k with
   p = softmax(student logits) and E the SD text encoder's hidden states of one prompt per class. The gradient
   reaches the student only through p.

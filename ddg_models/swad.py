@@ -1,4 +1,4 @@
-"""SWAD: dense stochastic weight averaging over the loss valley (Cha et al., NeurIPS 2021; specs/ddg.md §2.4).
+"""SWAD: dense stochastic weight averaging over the loss valley (Cha et al., NeurIPS 2021; docs/methods/ddg.md §2.4).
 
 Every training step the current weights join a running uniform *segment* average (torch.optim.swa_utils.
 AveragedModel). At each evaluation the segment is closed with the mean source-validation loss and reset. The

@@ -45,7 +45,7 @@ def bn_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def bn_stats_loss(x: torch.Tensor, target_mean: torch.Tensor, target_var: torch.Tensor, *, form: str = "unsquared",
                   weight: float = 1.0, sync: bool = False, process_group=None) -> BNStatsLossOutput:
-    """BN-statistics alignment loss of DeepInversion / DDIS (specs/ddis.md §4).
+    """BN-statistics alignment loss of DeepInversion / DDIS (docs/methods/ddis.md §4).
 
     ``weight * R`` with R = ||var - target_var||_2 + ||mean - target_mean||_2 (form='unsquared',
     DeepInversion and the DDIS code) or ||mean - target_mean||^2 + ||var - target_var||^2

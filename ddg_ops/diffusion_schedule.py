@@ -1,6 +1,6 @@
 """Discrete Gaussian diffusion schedules (DDPM / IDDPM), as tables the split-token ops read.
 
-Same tables as the ADM/IDDPM code that MAR and GenDD use (specs/gendd.md §2.8): betas of the
+Same tables as the ADM/IDDPM code that MAR and GenDD use (docs/methods/gendd.md §2.8): betas of the
 cosine or linear schedule, their cumulative products and the posterior coefficients, built
 in float64 and handed to kernels as float32 columns. ``respace`` gives the evenly strided
 sub-schedule used for sampling (e.g. 100 of 1000 steps) with its own betas; the network is
@@ -116,7 +116,7 @@ class GaussianDiffusionSchedule:
     def loss_coefs(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[T, 3] (float32 unless asked): (posterior_mean_coef1 * sqrt(1/abar - 1), log beta, clipped log posterior
         variance). The first column maps (eps_hat - eps) to mu_q - mu_theta (= x_0 - mu_theta at t = 0),
-        so the hybrid loss needs only eps, eps_hat, v and t (specs/gendd.md §3, K5)."""
+        so the hybrid loss needs only eps, eps_hat, v and t (docs/methods/gendd.md §3; docs/split_token_kernels.md §5, K5)."""
         cols = [self.posterior_mean_coef1 * self.sqrt_recipm1_alphas_cumprod, self.betas.log(),
                 self.posterior_log_variance_clipped]
         return torch.stack(cols, 1).to(device, dtype)

@@ -112,7 +112,7 @@ def euler_cfg_step(sample: torch.Tensor, uncond: torch.Tensor, cond: torch.Tenso
 def dmd_grad(x: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor, fake: torch.Tensor, scale: Scalar, *,
              prediction: str = "velocity", x_t: Optional[torch.Tensor] = None,
              alpha_bar: Optional[Scalar] = None) -> DMDGradOutput:
-    """Distribution-matching gradient of DMD / DMD2 / DP-DMD (specs/dpdmd.md, kernel K2).
+    """Distribution-matching gradient of DMD / DMD2 / DP-DMD (docs/methods/dpdmd.md; docs/guidance_kernels.md §4, K2).
 
     The real score is CFG of the teacher's (uncond, cond) predictions with ``scale``; ``fake``
     is the fake-score prediction, all at the same noised point. ``x`` is the generator output

@@ -103,7 +103,7 @@ def cfg_step(sample: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor, sca
 def dmd_grad(x: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor, fake: torch.Tensor, scale: Scalar, *,
              prediction: str = "velocity", x_t: Optional[torch.Tensor] = None,
              alpha_bar: Optional[Scalar] = None) -> DMDGradOutput:
-    """The distribution-matching gradient (specs/dpdmd.md, K2) and its loss.
+    """The distribution-matching gradient (docs/methods/dpdmd.md; docs/guidance_kernels.md §4, K2) and its loss.
 
     velocity: g = (v_real - v_fake) / mean|v_real|  (DP-DMD's p = x_sigma - x0 = sigma * v; sigma cancels)
     epsilon:  g = (x0_fake - x0_real) / mean|x - x0_real|, x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab)  (DMD2)
@@ -143,7 +143,7 @@ def bn_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def bn_alignment(mean: torch.Tensor, var: torch.Tensor, target_mean: torch.Tensor, target_var: torch.Tensor,
                  form: str) -> torch.Tensor:
-    """R of specs/ddis.md §4: 'unsquared' ||v - var||_2 + ||m - mean||_2 (DeepInversion, DDIS code) or
+    """R of docs/methods/ddis.md §4: 'unsquared' ||v - var||_2 + ||m - mean||_2 (DeepInversion, DDIS code) or
     'squared' ||mean - m||^2 + ||var - v||^2 (the DDIS paper)."""
     dm, dv = mean - target_mean.to(mean.dtype), var - target_var.to(var.dtype)
     if form == "unsquared":
@@ -160,7 +160,7 @@ def bn_stats_loss(x: torch.Tensor, target_mean: torch.Tensor, target_var: torch.
     return BNStatsLossOutput(weight * bn_alignment(mean, var, target_mean, target_var, form), mean, var)
 
 
-# ---------------------------------------------------------------- split_token (specs/gendd.md)
+# ---------------------------------------------------------------- split_token (docs/methods/gendd.md)
 
 def split_token_prepare(features: torch.Tensor, prototypes: Optional[torch.Tensor], contraction: float, mix: float,
                         permutation: Optional[torch.Tensor], timesteps: torch.Tensor, noise: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Functional API of the split-token ops: GenDD's diffusion-head path (specs/gendd.md §3).
+"""Functional API of the split-token ops: GenDD's diffusion-head path (docs/methods/gendd.md §3).
 
 - ``split_token_prepare``: contraction + mixup + split into tokens + replication + noising of
   the teacher features, one pass (no gradient: the targets are constants).
@@ -191,7 +191,7 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor,
 def diffusion_loss(model_output: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                    loss_coefs: torch.Tensor, x0: Optional[torch.Tensor] = None, *, learned_variance: bool = None,
                    reduction: str = "mean") -> DiffusionLossOutput:
-    """Diffusion loss of epsilon-prediction rows (specs/gendd.md §2.8, K5).
+    """Diffusion loss of epsilon-prediction rows (docs/methods/gendd.md §2.8; docs/split_token_kernels.md §5, K5).
 
     model_output: [M, C] (epsilon; loss = mse) or [M, 2C] (learned variance: [eps_hat, v], IDDPM's
     hybrid loss mse + vb with the stop-gradient on the mean and the discretized-Gaussian NLL at

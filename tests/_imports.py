@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE_TREES = ("ddg_ops", "ddg_models", "ddg_losses", "examples", "tests", "tools")
+SOURCE_TREES = ("ddg_ops", "ddg_models", "ddg_losses", "examples", "benchmarks", "tests", "tools")
 _STRING_IMPORTERS = {"import_module", "importorskip", "find_spec"}
 
 

@@ -67,7 +67,7 @@ def _allowed(path: str, guarded: bool, groups) -> set:
     tree = path.split("/")[0]
     if tree in ("ddg_ops", "ddg_models", "ddg_losses"):
         return groups["core"] | groups["models"] | groups["xformers"]
-    if tree == "examples":
+    if tree in ("examples", "benchmarks"):
         return groups["core"] | groups["examples"]
     if tree == "tests":
         return groups["core"] | groups["test"]

@@ -1,4 +1,4 @@
-// Per-element math of the BN-statistics op family (specs/ddis.md §4), shared by the CPU
+// Per-element math of the BN-statistics op family (docs/methods/ddis.md §4), shared by the CPU
 // and CUDA kernels. The statistics themselves use welford.h.
 #pragma once
 

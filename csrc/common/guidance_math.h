@@ -241,7 +241,7 @@ DDG_HD void cfg_backward_value(T gp, T guided, T cond, T scale, T one, T multipl
 }
 
 // ---------------------------------------------------------------- DMD gradient
-// specs/dpdmd.md, kernel K2. The real score is CFG of (uncond, cond) with scale s.
+// docs/methods/dpdmd.md; docs/guidance_kernels.md §4, K2. The real score is CFG of (uncond, cond) with scale s.
 // velocity (flow matching, DP-DMD):  p_real = sigma * v_real, numerator = sigma * (v_real - v_fake),
 //   sigma cancels: g = (v_real - v_fake) / mean|v_real|.
 // epsilon (DDPM, DMD2): x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab); p = x - x0;

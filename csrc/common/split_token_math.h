@@ -1,4 +1,4 @@
-// Per-element math of the split-token op family (GenDD's diffusion head, specs/gendd.md §3):
+// Per-element math of the split-token op family (GenDD's diffusion head, docs/methods/gendd.md §3):
 // target contraction/mixup/noising, LayerNorm + adaLN modulation and its backward, gated
 // residual, and IDDPM's hybrid diffusion loss with its derivative. Shared by
 // csrc/cpu/split_token.cpp (scalars and at::vec::Vectorized) and csrc/cuda/split_token.cu.

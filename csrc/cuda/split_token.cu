@@ -1,4 +1,4 @@
-// CUDA loops of the split-token ops (specs/gendd.md §3). Mirrors csrc/cpu/split_token.cpp;
+// CUDA loops of the split-token ops (docs/methods/gendd.md §3). Mirrors csrc/cpu/split_token.cpp;
 // all per-element math comes from csrc/common/split_token_math.h, which the CPU tests cover.
 //  * prepare: one warp per output row, the B*N target rows (x0) then the M noised rows; lanes over C.
 //  * adaLN modulate: one block per row (grid-stride over rows), the row in registers (RowShape);

@@ -1,4 +1,4 @@
-// Host-side half of the split-token ops (specs/gendd.md §3), shared by the CPU and CUDA
+// Host-side half of the split-token ops (docs/methods/gendd.md §3), shared by the CPU and CUDA
 // registrations: argument checks, the operand layouts the kernels read, output allocation
 // and op semantics. Row operands ([rows, width]) are contiguous except shift/scale/gate,
 // which are read in place with any row stride (column slices of one adaLN projection) and

@@ -1,4 +1,4 @@
-"""Image classifiers used as GenDD teachers and students (specs/gendd.md §4): the CIFAR networks of
+"""Image classifiers used as GenDD teachers and students (docs/methods/gendd.md §4): the CIFAR networks of
 RepDistiller / CRD, torchvision ResNets and MobileNetV1 for ImageNet, a registry that builds them (and the
 user's own, ``register_classifier``) by name, and one pooled-feature protocol."""
 from .checkpoint import load_classifier

@@ -1,6 +1,6 @@
 """Classifiers by name, and the one pooled-feature protocol every registered classifier follows.
 
-The protocol (specs/gendd.md §2: f_T, f_S are the post-ReLU average-pooled features that feed the final
+The protocol (docs/methods/gendd.md §2: f_T, f_S are the post-ReLU average-pooled features that feed the final
 linear layer): ``pooled_features(model, x)`` is that feature [B, D], ``classifier_of(model)`` the final
 ``nn.Linear`` and ``feature_dim(model)`` its D, with ``classifier_of(model)(pooled_features(model, x)) == model(x)``.
 A model follows it either by itself, with a ``forward_features(x)`` method and an ``nn.Linear`` attribute ``fc``,

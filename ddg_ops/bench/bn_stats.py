@@ -102,7 +102,7 @@ def cases(quick: bool, device=None) -> List[Tuple[str, Tuple[int, ...]]]:
 
 
 def min_bytes(kernel: str, shape: Sequence[int], dtype: torch.dtype, mode: str) -> int:
-    """Fused traffic (specs/kernels.md §6): forward reads x once, reads the two fp32 [C] targets and
+    """Fused traffic (docs/benchmarks.md §1): forward reads x once, reads the two fp32 [C] targets and
     writes fp32 mean/var; backward reads x again and writes dx (x's dtype)."""
     numel, channels = math.prod(shape), shape[1]
     nbytes = numel * dtype.itemsize + 4 * channels * 4

@@ -1,6 +1,6 @@
 """Image embeddings from a local CLIP or DINOv2 vision model, for sample-diversity metrics.
 
-As DP-DMD's evaluation (specs/dpdmd.md §4): for a CLIP vision tower the CLS token of
+As DP-DMD's evaluation (docs/methods/dpdmd.md §4): for a CLIP vision tower the CLS token of
 ``last_hidden_state`` (before the projection); for DINOv2 (or any other AutoModel) ``pooler_output``,
 or the token mean when the model has none. Embeddings are fp32 and L2-normalised.
 """

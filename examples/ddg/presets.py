@@ -1,8 +1,8 @@
-"""Hyperparameters of the DDG runs (specs/ddg.md §3), one ``Preset`` per dataset, and ``tiny`` (CPU).
+"""Hyperparameters of the DDG runs (docs/methods/ddg.md §3), one ``Preset`` per dataset, and ``tiny`` (CPU).
 
 The DomainBed presets follow the DDG README flags (``--stage1_steps 5000 --swadstart_steps 5000 --steps 8000
 --lmd 0.5``) and VL2V/DomainBed defaults (Adam lr 5e-5, wd 0, 32 images per source domain, 20% holdout,
-checkpoint every 200 steps, 1000 for DomainNet). The spec's open points are fields: conditioning, the CFG
+checkpoint every 200 steps, 1000 for DomainNet). DDG's open points are fields: conditioning, the CFG
 negative and its scale w, beta, the SD resolution, which parts train in each stage, the CE weight.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Class Alignment Token training (specs/ddis.md §3): sample with DAG, classify the final image with the
+"""Class Alignment Token training (docs/methods/ddis.md §3): sample with DAG, classify the final image with the
 teacher, and backpropagate the cross-entropy into the class token through the last denoising step only.
 
 Per group of classes (one class at a time as DDIS, or all classes together with ``cat_joint``): each epoch

@@ -1,7 +1,7 @@
 """Data-free knowledge distillation on the synthetic set: the student matches the teacher's temperature-
 softened outputs on synthetic images (Hinton KL, ``ddg_losses.KLDistillationLoss``; the synthetic labels are
 not used, as DDIS' images are not filtered by the teacher), evaluated on a real test set when one is given.
-DDIS' own KD protocol is unpublished (specs/ddis.md §3): SGD + cosine and T = 4 are the defaults.
+DDIS' own KD protocol is unpublished (docs/methods/ddis.md §3): SGD + cosine and T = 4 are the defaults.
 
 Checkpoints after every epoch (``kd.pt`` + ``kd.rng.pt``) make ``--resume`` continue exactly; ``kd.csv``
 logs loss and accuracies per epoch.

@@ -1,4 +1,4 @@
-"""Settings of the DDIS runs (specs/ddis.md §2-§3), one ``Preset`` per setting.
+"""Settings of the DDIS runs (docs/methods/ddis.md §2-§3), one ``Preset`` per setting.
 
 ``imagenet_r34_r18`` follows the released DDIS code: Stable Diffusion 2.1-base with its pipeline scheduler
 (PNDM), 30 steps, CFG 10, DAG with eta = 5e-4 on the decoded z_t at every step but the last (unsquared BN

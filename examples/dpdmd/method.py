@@ -1,4 +1,4 @@
-"""One DP-DMD iteration (specs/dpdmd.md §2.3-2.5), shared by the 2-D toy and the SD3 pipeline.
+"""One DP-DMD iteration (docs/methods/dpdmd.md §2.3-2.5), shared by the 2-D toy and the SD3 pipeline.
 
 A ``Distiller`` holds the three networks (generator = FewStepGenerator over the student, frozen
 GuidedTeacher, fake score), their optimizers and losses; ``step(iteration, noise, cond, uncond)`` does
@@ -11,7 +11,7 @@ FSDP needs to gather its shards.
 Gradient clipping uses ``accelerator.clip_grad_norm_``: under FSDP it calls the FSDP module's own
 ``clip_grad_norm_``, which all-reduces the squared shard norms so every rank clips with the *global*
 norm. ``torch.nn.utils.clip_grad_norm_`` on sharded parameters (what the reference does) sees only the
-local shard and clips each rank by a different factor (spec §2.5e). Under DDP/single process it is the
+local shard and clips each rank by a different factor (docs/methods/dpdmd.md §2.5e). Under DDP/single process it is the
 plain clip on the (already all-reduced) gradients.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ddg_models import model_prediction
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Method hyperparameters (DP-DMD defaults: spec §2.6)."""
+    """Method hyperparameters (DP-DMD defaults: docs/methods/dpdmd.md §2.6)."""
     guidance_scale: float = 3.5       # teacher CFG of the real score and of the anchor rollout
     fake_per_generator: int = 5       # TTUR: fake updates per generator update
     ttur_mode: str = "alternate"      # 'alternate' (DP-DMD) | 'every_step' (DMD2)

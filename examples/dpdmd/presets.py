@@ -1,4 +1,4 @@
-"""Hyperparameters of the DP-DMD runs: ``sd35m`` follows the released script (specs/dpdmd.md §2.6);
+"""Hyperparameters of the DP-DMD runs: ``sd35m`` follows the released script (docs/methods/dpdmd.md §2.6);
 ``tiny`` is the 2-D CPU comparison of DMD and DP-DMD."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DP-DMD on Stable Diffusion 3.5 (specs/dpdmd.md §2): local SD3.5-Medium-style weights, a prompt .txt file.
+"""DP-DMD on Stable Diffusion 3.5 (docs/methods/dpdmd.md §2): local SD3.5-Medium-style weights, a prompt .txt file.
 
 The teacher pipeline (transformer, VAE, CLIP-L/G and T5 encoders) is loaded once, frozen and not
 sharded, as in the reference; the student (inside FewStepGenerator) and the fake score are two more
@@ -167,7 +167,7 @@ def run_sd3(run: SD3Run, accelerator) -> Dict:
         start = (it * world + accelerator.process_index) * batch
         batch_prompts = [prompts[order[(start + j) % len(prompts)]] for j in range(batch)]
         cond, uncond = encode_prompts(prompt_encoder, batch_prompts)
-        # Same seed on every rank for the noise and the timestep, as the reference (spec §2.3).
+        # Same seed on every rank for the noise and the timestep, as the reference (docs/methods/dpdmd.md §2.3).
         rng = torch.Generator().manual_seed(p.seed + it)
         noise = torch.randn(latent_shape(pipe, batch, p.resolution), generator=rng).to(accelerator.device, dtype)
         logs = distiller.step(it, noise, cond, uncond, generator=rng)
@@ -185,7 +185,7 @@ def run_sd3(run: SD3Run, accelerator) -> Dict:
     save_student(accelerator, generator, out / "student_transformer")
     if accelerator.is_main_process:
         write_json(out / "config.json", {"preset": asdict(p), "model": str(run.model), "prompts": str(run.prompts),
-                                          "world_size": world, "deviations": ["fp32 DMD gradient (spec 2.7)",
+                                          "world_size": world, "deviations": ["fp32 DMD gradient (docs/methods/dpdmd.md §2.7)",
                                                                               "global FSDP gradient clipping"]})
     return state
 

@@ -1,6 +1,6 @@
 """Evaluation: GenDD's sampling-based accuracy and the student's linear-probe accuracy ("Acc_new").
 
-Sampling accuracy (spec §2, Inference): z = LN(f_S) conditions the head's CFG sampler (``num_samples``
+Sampling accuracy (docs/methods/gendd.md §2, Inference): z = LN(f_S) conditions the head's CFG sampler (``num_samples``
 draws averaged, ``cfg_scale``, ``num_steps`` respaced steps); the generated teacher feature goes through
 the teacher classifier (weight and bias) and its top-1 is reported. The probe accuracy is the top-1 of
 ``student.fc(f_S)``. Sampling noise comes from a generator seeded per evaluation, so evaluating does

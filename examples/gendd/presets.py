@@ -1,4 +1,4 @@
-"""Hyperparameters of the GenDD runs (specs/gendd.md §4), one ``Preset`` per teacher/student pair.
+"""Hyperparameters of the GenDD runs (docs/methods/gendd.md §4), one ``Preset`` per teacher/student pair.
 
 CIFAR-100 and ImageNet values follow the released scripts; ``tiny`` is a CPU-sized setting on
 scikit-learn's digits used to compare cross-entropy, classic KD and GenDD under one budget.
@@ -82,7 +82,7 @@ class Preset:
 CIFAR_STAGE1 = StageConfig(epochs=50, lr=3e-3, weight_decay=5e-2, schedule="cosine")
 CIFAR_STAGE2 = StageConfig(epochs=240, lr=1e-3, weight_decay=5e-2, schedule="step", warmup_epochs=50,
                            milestones=(150, 180, 210), beta2_min=0.95, beta2=0.999)
-# The later linear probe (spec §2, "Inference"): SGD lr 30, wd 0, cosine, on frozen features.
+# The later linear probe (docs/methods/gendd.md §2, "Inference"): SGD lr 30, wd 0, cosine, on frozen features.
 PROBE = StageConfig(epochs=100, lr=30.0, weight_decay=0.0, schedule="cosine", optimizer="sgd", momentum=0.9)
 
 _CIFAR_PAIRS = {  # name: (teacher, student, lambda) from GenDD_cifar/sh/train_*_gendd.sh

@@ -82,7 +82,7 @@ def run_stage(stage: Stage, accelerator, opts: RunOptions) -> TrainState:
         for i, batch in enumerate(loader):
             if i >= per_epoch:
                 break
-            if cfg.beta2_min is not None:  # rescheduled every iteration (spec §2.10)
+            if cfg.beta2_min is not None:  # rescheduled every iteration (docs/methods/gendd.md §2.10)
                 beta2 = beta2_at(state.step, total_steps - 1, cfg.beta2_min, cfg.beta2)
                 set_beta2(optimizer, beta2)
             with accelerator.autocast():

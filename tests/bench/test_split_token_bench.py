@@ -27,7 +27,7 @@ def test_cases_cover_the_spec_configs():
     assert set(names) == set(split_token.TRAIN) | set(split_token.SAMPLE)
     rows_per_step = {kernel: 2 * shape[0] * shape[3] * shape[1] // split_token.TOKEN
                      for kernel, shape in split_token.cases(False, "cpu") if kernel.startswith("sample")}
-    assert set(rows_per_step.values()) == {640}, rows_per_step  # the spec's eval rows per step (CIFAR, B = 64)
+    assert set(rows_per_step.values()) == {640}, rows_per_step  # GenDD's eval rows per step (CIFAR, B = 64)
 
 
 @pytest.mark.requires_ext

@@ -1,4 +1,4 @@
-"""DP-DMD / DMD2 losses: the DMD gradient against the spec's formula and the 0.5*MSE stop-gradient trick
+"""DP-DMD / DMD2 losses: the DMD gradient against DP-DMD's formula and the 0.5*MSE stop-gradient trick
 (velocity and epsilon), the noise levels (per batch / per sample), the fake-score loss, the anchor target and
 loss, and the two-time-scale schedule."""
 import pytest

@@ -75,7 +75,7 @@ def test_bn_stats_loss_matches_reference(dtype, form):
 # std at mean 50 large enough that dtype's rounding keeps distinct values (bf16's ulp there is 0.25).
 @pytest.mark.parametrize("dtype,std", [(torch.float32, 0.01), (torch.float16, 0.05), (torch.bfloat16, 1.0)])
 def test_large_mean_small_variance_against_fp64(dtype, std):
-    """specs/ddis.md §4: mean 50, std 0.01 over 112x112 breaks E[x^2] - E[x]^2; Welford keeps it."""
+    """docs/methods/ddis.md §4: mean 50, std 0.01 over 112x112 breaks E[x^2] - E[x]^2; Welford keeps it."""
     base = torch.randn(2, 4, 112, 112, dtype=torch.float64) * std + 50
     x = base.to(dtype)
     mean, var = ddg_ops.bn_stats(x)

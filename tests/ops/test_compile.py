@@ -92,7 +92,7 @@ def test_compile_per_sample_and_epsilon_dmd():
 
 def _head_step(features, mu, perm, t, noise, w_in, proj, ln_w, ln_b, w_mid, w_out, ci, sab, s1m, coefs):
     """GenDD's training step through a one-block SimpleMLPAdaLN head: targets, adaLN block with a
-    gated residual, final adaLN layer, hybrid loss (specs/gendd.md §2-3)."""
+    gated residual, final adaLN layer, hybrid loss (docs/methods/gendd.md §2-3)."""
     C, W = noise.shape[1], w_in.shape[1]
     x_t, x0 = ddg_ops.split_token_prepare(features, t, noise, sab, s1m, C, prototypes=mu, contraction=0.9,
                                           permutation=perm, mix=0.4)

@@ -188,7 +188,7 @@ def test_dmd_grad_sends_no_gradient_to_scores():
 
 
 def test_dmd_velocity_form_equals_dpdmd_x0_form():
-    """specs/dpdmd.md §2.5(d): p = x_sigma - x0 with x0 = x_sigma - sigma * v; sigma cancels."""
+    """docs/methods/dpdmd.md §2.5(d): p = x_sigma - x0 with x0 = x_sigma - sigma * v; sigma cancels."""
     x_hat, u, c, f, eps = (torch.randn(2, 4, 8, 8, dtype=torch.float64) for _ in range(5))
     sigma = 0.37
     x_sigma = (1 - sigma) * x_hat + sigma * eps

@@ -1,4 +1,4 @@
-"""The split-token ops (GenDD's diffusion head, specs/gendd.md §2.8 and §3) against the reference.
+"""The split-token ops (GenDD's diffusion head, docs/methods/gendd.md §2.8 and §3) against the reference.
 
 The functional API (the kernel path when the extension is loaded) is compared with the
 pure-PyTorch reference evaluated in fp64 on the same (already rounded) inputs, forward and
@@ -455,7 +455,7 @@ def test_diffusion_loss_learned_variance_is_inferred_from_the_width():
 # ------------------------------------------------------------------------------ split_token_prepare
 
 def _prepare_by_hand(features, prototypes, contraction, permutation, mix, timesteps, noise, C):
-    """GenDD's target path written out element by element in fp64 (specs/gendd.md §2.4-2.8)."""
+    """GenDD's target path written out element by element in fp64 (docs/methods/gendd.md §2.4-2.8)."""
     f = features.double()
     B, D = f.shape
     N = D // C
