@@ -64,6 +64,10 @@ def _digest(*parts):
     return h.hexdigest()[:20]
 
 
+# Files setup.py writes inside a package directory (setup.py: BUILD_INFO).
+SETUP_WRITES = {"_build_info.json"}
+
+
 def _sandbox(root, dest):
     """A copy of the checkout in which setup.py's side effects (its build-info file) land in dest:
     setup.py is copied, every other top-level entry is a symlink, and the Python package
@@ -76,7 +80,8 @@ def _sandbox(root, dest):
         elif entry.is_dir() and (entry / "__init__.py").exists():
             target.mkdir()
             for inner in entry.iterdir():
-                (target / inner.name).symlink_to(inner)
+                if inner.name not in SETUP_WRITES:  # a symlink would carry the write into the real checkout
+                    (target / inner.name).symlink_to(inner)
         else:
             target.symlink_to(entry)
 
