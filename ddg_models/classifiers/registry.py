@@ -6,8 +6,9 @@ linear layer): ``pooled_features(model, x)`` is that feature [B, D], ``classifie
 A model follows it either by itself, with a ``forward_features(x)`` method and an ``nn.Linear`` attribute ``fc``,
 or through adapter callables given to ``register_classifier`` (``features(model, x)``, ``head(model)``): they
 hold for every instance of the class the name's builder returns, known from the first ``build_classifier`` of the
-name on (the registry never imports an optional package just to name a class). torchvision's ResNets are
-registered that way.
+name on, or from the start when the class is given as ``model_class`` (a class, or a ``"module:Class"`` string
+resolved once that module is imported: the registry never imports an optional package just to name a class).
+torchvision's ResNets are registered that way, so a ResNet the user builds with torchvision follows the protocol.
 
 Built in: the CIFAR networks of RepDistiller / CRD (``resnet8`` ... ``resnet110``, ``resnet8x4``, ``resnet32x4``,
 ``wrn_40_2``, ``wrn_16_2``, ``wrn_40_1``, ``wrn_16_1``, ``vgg8`` ... ``vgg19``) and the ImageNet networks of
@@ -16,7 +17,8 @@ GenDD's pairs (``resnet18``, ``resnet34``, ``resnet50`` from torchvision, built 
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+import sys
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -37,10 +39,12 @@ class ClassifierEntry(NamedTuple):
 _REGISTRY: Dict[str, ClassifierEntry] = {}
 # The adapters of each class a registered builder returned (filled by build_classifier).
 _ADAPTED_TYPES: Dict[type, Tuple[str, ClassifierEntry]] = {}
+# "module:Class" -> the adapters of that class, bound once the module has been imported by someone else.
+_PENDING_TYPES: Dict[str, Tuple[str, ClassifierEntry]] = {}
 
 
 def register_classifier(name: str, builder: Builder, *, features: Optional[FeatureAdapter] = None,
-                        head: Optional[HeadAdapter] = None) -> None:
+                        head: Optional[HeadAdapter] = None, model_class: Union[type, str, None] = None) -> None:
     """Make ``build_classifier(name, num_classes)`` / ``load_classifier(name, path)`` build ``builder(num_classes)``.
 
     Args:
@@ -49,6 +53,8 @@ def register_classifier(name: str, builder: Builder, *, features: Optional[Featu
         features: ``features(model, x) -> [B, D]`` the pooled penultimate feature, for models without
             ``forward_features``.
         head: ``head(model) -> nn.Linear`` the final layer, for models whose final layer is not ``fc``.
+        model_class: the class the adapters hold for, also for instances not made by ``build_classifier``: a
+            class, or ``"module:Class"`` (bound when that module is imported, never importing it here).
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"register_classifier: 'name' must be a non-empty str, got {name!r}")
@@ -58,7 +64,21 @@ def register_classifier(name: str, builder: Builder, *, features: Optional[Featu
     for arg, value in (("builder", builder), ("features", features), ("head", head)):
         if not callable(value) and not (value is None and arg != "builder"):
             raise TypeError(f"register_classifier: {arg!r} of {name!r} must be callable, got {type(value).__name__}")
-    _REGISTRY[name] = ClassifierEntry(builder, features, head)
+    if model_class is not None and features is None and head is None:
+        raise ValueError(f"register_classifier: 'model_class' of {name!r} binds adapters, but no features/head "
+                         "adapter is given")
+    if isinstance(model_class, str) and (model_class.count(":") != 1 or not all(model_class.split(":"))):
+        raise ValueError(f"register_classifier: 'model_class' of {name!r} must be a class or 'module:Class', got "
+                         f"{model_class!r}")
+    if model_class is not None and not isinstance(model_class, (type, str)):
+        raise TypeError(f"register_classifier: 'model_class' of {name!r} must be a class or 'module:Class', got "
+                        f"{type(model_class).__name__}")
+    entry = ClassifierEntry(builder, features, head)
+    if isinstance(model_class, type):
+        _bind(model_class, name, entry)
+    elif isinstance(model_class, str):
+        _PENDING_TYPES.setdefault(model_class, (name, entry))
+    _REGISTRY[name] = entry
 
 
 def registered_classifiers() -> Tuple[str, ...]:
@@ -82,17 +102,33 @@ def build_classifier(name: str, num_classes: int = 100) -> nn.Module:
         raise TypeError(f"build_classifier: {name!r} built a {type(model).__name__} without an nn.Linear 'fc'; "
                         "register it with head=<callable(model) -> final nn.Linear>")
     if entry.features is not None or entry.head is not None:
-        bound = _ADAPTED_TYPES.setdefault(type(model), (name, entry))
-        if bound[1][1:] != entry[1:]:
-            raise ValueError(f"build_classifier: {name!r} and {bound[0]!r} both build {type(model).__name__} "
-                             "but with different features/head adapters; one class has one protocol")
+        _bind(type(model), name, entry)
     return model
 
 
+def _bind(cls: type, name: str, entry: ClassifierEntry) -> None:
+    bound = _ADAPTED_TYPES.setdefault(cls, (name, entry))
+    if bound[1][1:] != entry[1:]:
+        raise ValueError(f"register_classifier: {name!r} and {bound[0]!r} both build {cls.__name__} but with "
+                         "different features/head adapters; one class has one protocol")
+
+
+def _bind_imported_classes() -> None:
+    for key in list(_PENDING_TYPES):
+        module, qualname = key.split(":")
+        cls = getattr(sys.modules.get(module), qualname, None) if module in sys.modules else None
+        if isinstance(cls, type):
+            name, entry = _PENDING_TYPES.pop(key)
+            _bind(cls, name, entry)
+
+
 def _adapters(model: nn.Module) -> Optional[ClassifierEntry]:
-    for cls in type(model).__mro__:
-        if cls in _ADAPTED_TYPES:
-            return _ADAPTED_TYPES[cls][1]
+    for attempt in range(2):
+        for cls in type(model).__mro__:
+            if cls in _ADAPTED_TYPES:
+                return _ADAPTED_TYPES[cls][1]
+        if attempt == 0 and _PENDING_TYPES:
+            _bind_imported_classes()  # the model's class may come from a module imported since registration
     return None
 
 
@@ -155,6 +191,7 @@ CLASSIFIER_NAMES = tuple(CIFAR_CLASSIFIERS) + IMAGENET_CLASSIFIERS  # the built-
 for _name, _builder in CIFAR_CLASSIFIERS.items():
     register_classifier(_name, _builder)
 for _arch in ("resnet18", "resnet34", "resnet50"):
-    register_classifier(_arch, _torchvision_builder(_arch), features=_torchvision_resnet_features)
+    register_classifier(_arch, _torchvision_builder(_arch), features=_torchvision_resnet_features,
+                        model_class="torchvision.models.resnet:ResNet")
 register_classifier("mobilenet_v1", mobilenet_v1.mobilenet_v1)
 del _name, _builder, _arch

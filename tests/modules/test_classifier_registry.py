@@ -17,6 +17,7 @@ def scratch_registry(monkeypatch):
     """Registrations made by a test vanish after it."""
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setattr(registry, "_ADAPTED_TYPES", dict(registry._ADAPTED_TYPES))
+    monkeypatch.setattr(registry, "_PENDING_TYPES", dict(registry._PENDING_TYPES))
 
 
 class ProtocolNet(nn.Module):
@@ -96,6 +97,37 @@ def test_torchvision_resnets_use_the_registered_adapter():
     entry = registry._adapters(model)
     assert entry is not None and entry.features is registry._torchvision_resnet_features and entry.head is None
     assert not hasattr(model, "forward_features")
+
+
+def test_a_torchvision_resnet_built_by_the_user_follows_the_protocol():
+    """Not made by build_classifier (e.g. a teacher loaded with torchvision directly): the adapter still holds."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(weights=None, num_classes=7)
+    check_protocol(model, torch.randn(2, 3, 32, 32), num_classes=7, dim=512)
+
+
+def test_model_class_binds_the_adapters_before_any_build():
+    register_classifier("foreign", ForeignNet, features=lambda m, x: m.trunk(x), head=lambda m: m.head,
+                        model_class=ForeignNet)
+    check_protocol(ForeignNet(4), torch.randn(3, 3, 8, 8), num_classes=4, dim=5)
+
+
+def test_model_class_by_name_binds_once_its_module_is_imported():
+    register_classifier("foreign_later", ForeignNet, features=lambda m, x: m.trunk(x), head=lambda m: m.head,
+                        model_class=f"{__name__}:ForeignNet")
+    assert f"{__name__}:ForeignNet" in registry._PENDING_TYPES  # this module is imported: bound at first use
+    check_protocol(ForeignNet(2), torch.randn(1, 3, 8, 8), num_classes=2, dim=5)
+    assert f"{__name__}:ForeignNet" not in registry._PENDING_TYPES
+
+
+def test_bad_model_class():
+    with pytest.raises(ValueError, match="'model_class' of 'a' binds adapters, but no features/head adapter"):
+        register_classifier("a", ProtocolNet, model_class=ProtocolNet)
+    with pytest.raises(ValueError, match="must be a class or 'module:Class', got 'torchvision.ResNet'"):
+        register_classifier("b", ForeignNet, features=lambda m, x: m.trunk(x), model_class="torchvision.ResNet")
+    with pytest.raises(TypeError, match="must be a class or 'module:Class', got int"):
+        register_classifier("c", ForeignNet, features=lambda m, x: m.trunk(x), model_class=3)
+    assert not {"a", "b", "c"} & set(registered_classifiers())
 
 
 def test_every_builtin_is_registered_and_follows_the_protocol_without_adapters_but_torchvision():
