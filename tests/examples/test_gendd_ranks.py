@@ -2,9 +2,6 @@
 (with one seed for every rank the global batch would see one rank's randomness R times over)."""
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,21 +10,7 @@ import torch
 for _module in ("accelerate", "sklearn", "matplotlib", "tqdm"):
     pytest.importorskip(_module)
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_two_ranks(script: Path, *args: str, timeout: float = 240) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(script), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+from tests.examples.two_ranks import launch_two_ranks  # noqa: E402
 
 
 def test_ranks_draw_distinct_gendd_randomness(tmp_path):
