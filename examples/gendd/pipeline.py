@@ -124,6 +124,7 @@ class Stage:
     train_loader: object = None
     seed: int = 0                 # the training streams: rank_seed(seed, rank)
     row_extra: Dict[str, object] = field(default_factory=dict)
+    name: Optional[str] = None    # the log's stage column (default: key)
 
 
 def run_stage(run: Run, stage: Stage) -> Dict:
@@ -132,6 +133,8 @@ def run_stage(run: Run, stage: Stage) -> Dict:
     only loads its product."""
     acc, rc, cfg = run.accelerator, run.rc, stage.cfg
     if stage.key in run.products:
+        if run.resume_from is not None and run.resume_from.stage == stage.key:  # written as the stage finished
+            run.resume_from = None
         stage.model.load_state_dict(run.products[stage.key]["model"])
         return run.products[stage.key]
     if rc.max_steps is not None and run.step >= rc.max_steps:
@@ -164,71 +167,73 @@ def run_stage(run: Run, stage: Stage) -> Dict:
                         state={"rows": run.log.rows, "products": run.products}, generators=generators,
                         rank_state={"position": pos, "scheduler": scheduler.state_dict()}, keep=rc.keep_checkpoints)
 
-    while pos["epoch"] < cfg.epochs:
-        epoch = pos["epoch"]
-        sampler.set_epoch(epoch, pos["batch"] * loader.batch_size)  # the batches done before a resume
-        model.train()
-        lr = optimizer.param_groups[0]["lr"]
-        start, stop = time.perf_counter(), False
-        bar = tqdm(total=per_epoch, initial=pos["batch"], desc=f"{stage.key} {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=rc.quiet or not acc.is_local_main_process)
-        for batch in loader:
-            if pos["batch"] >= per_epoch:
-                break
-            if cfg.beta2_min is not None:  # rescheduled every iteration (docs/methods/gendd.md §2.10)
-                pos["beta2"] = beta2_at(pos["stage_step"], total_steps - 1, cfg.beta2_min, cfg.beta2)
-                set_beta2(optimizer, pos["beta2"])
-            batch = tuple(t.to(acc.device) for t in batch)
-            with acc.autocast():
-                loss, metrics = stage.loss_fn(model, batch, generator)
-            optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            optimizer.step()
-            run.step += 1
-            pos["stage_step"] += 1
-            pos["batch"] += 1
-            pos["count"] += 1
-            for k, v in metrics.items():
-                pos["sums"][k] = pos["sums"].get(k, 0.0) + v.detach().float()
-            bar.update(1)
-            if pos["batch"] % 20 == 1:
-                current = float(loss.detach())
-                if not math.isfinite(current):
-                    raise FloatingPointError(f"[{stage.key}] non-finite loss {current} at epoch {epoch + 1}, "
-                                             f"step {run.step}")
-                bar.set_postfix(loss=f"{current:.4f}")
-            if rc.max_steps is not None and run.step >= rc.max_steps:
-                stop = True
-                if pos["batch"] < per_epoch:  # inside the epoch: checkpoint here and stop
-                    bar.close()
-                    pos["elapsed"] += time.perf_counter() - start
-                    save()
-                    raise StopRun
-                break
-        bar.close()
-        scheduler.step()
-        count = max(pos["count"], 1)
-        row = {"stage": stage.key, "epoch": epoch + 1, "step": run.step, **stage.row_extra}
-        for k, v in pos["sums"].items():
-            row[k] = float(acc.reduce(torch.as_tensor(v, device=acc.device) / count, "mean"))
-        if not all(math.isfinite(row[k]) for k in pos["sums"]):
-            raise FloatingPointError(f"[{stage.key}] non-finite training metrics at epoch {epoch + 1}: {row}")
-        row.update(lr=lr, beta2=pos["beta2"], epoch_s=pos["elapsed"] + time.perf_counter() - start)
-        pos = {"epoch": epoch + 1, "batch": 0, "stage_step": pos["stage_step"], "sums": {}, "count": 0,
-               "beta2": pos["beta2"], "elapsed": 0.0}
-        final = pos["epoch"] == cfg.epochs
-        if stage.eval_fn is not None:
-            row.update(stage.eval_fn(unwrapped, epoch + 1, final))
-        run.log.add(row)
-        if not rc.quiet:
-            acc.print(summary(row))
-        if final:
-            run.products[stage.key] = {"model": {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()},
-                                       "row": row}
-        save()
-        if stop:
-            raise StopRun
-    acc.free_memory()
+    try:  # the prepared objects are released whether the stage ends, stops at --max-steps or fails
+        while pos["epoch"] < cfg.epochs:
+            epoch = pos["epoch"]
+            sampler.set_epoch(epoch, pos["batch"] * loader.batch_size)  # the batches done before a resume
+            model.train()
+            lr = optimizer.param_groups[0]["lr"]
+            start, stop = time.perf_counter(), False
+            bar = tqdm(total=per_epoch, initial=pos["batch"], desc=f"{stage.key} {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=rc.quiet or not acc.is_local_main_process)
+            for batch in loader:
+                if pos["batch"] >= per_epoch:
+                    break
+                if cfg.beta2_min is not None:  # rescheduled every iteration (docs/methods/gendd.md §2.10)
+                    pos["beta2"] = beta2_at(pos["stage_step"], total_steps - 1, cfg.beta2_min, cfg.beta2)
+                    set_beta2(optimizer, pos["beta2"])
+                batch = tuple(t.to(acc.device) for t in batch)
+                with acc.autocast():
+                    loss, metrics = stage.loss_fn(model, batch, generator)
+                optimizer.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                optimizer.step()
+                run.step += 1
+                pos["stage_step"] += 1
+                pos["batch"] += 1
+                pos["count"] += 1
+                for k, v in metrics.items():
+                    pos["sums"][k] = pos["sums"].get(k, 0.0) + v.detach().float()
+                bar.update(1)
+                if pos["batch"] % 20 == 1:
+                    current = float(loss.detach())
+                    if not math.isfinite(current):
+                        raise FloatingPointError(f"[{stage.key}] non-finite loss {current} at epoch {epoch + 1}, "
+                                                 f"step {run.step}")
+                    bar.set_postfix(loss=f"{current:.4f}")
+                if rc.max_steps is not None and run.step >= rc.max_steps:
+                    stop = True
+                    if pos["batch"] < per_epoch:  # inside the epoch: checkpoint here and stop
+                        bar.close()
+                        pos["elapsed"] += time.perf_counter() - start
+                        save()
+                        raise StopRun
+                    break
+            bar.close()
+            scheduler.step()
+            count = max(pos["count"], 1)
+            row = {"stage": stage.name or stage.key, "epoch": epoch + 1, "step": run.step, **stage.row_extra}
+            for k, v in pos["sums"].items():
+                row[k] = float(acc.reduce(torch.as_tensor(v, device=acc.device) / count, "mean"))
+            if not all(math.isfinite(row[k]) for k in pos["sums"]):
+                raise FloatingPointError(f"[{stage.key}] non-finite training metrics at epoch {epoch + 1}: {row}")
+            row.update(lr=lr, beta2=pos["beta2"], epoch_s=pos["elapsed"] + time.perf_counter() - start)
+            pos = {"epoch": epoch + 1, "batch": 0, "stage_step": pos["stage_step"], "sums": {}, "count": 0,
+                   "beta2": pos["beta2"], "elapsed": 0.0}
+            final = pos["epoch"] == cfg.epochs
+            if stage.eval_fn is not None:
+                row.update(stage.eval_fn(unwrapped, epoch + 1, final))
+            run.log.add(row)
+            if not rc.quiet:
+                acc.print(summary(row))
+            if final:
+                run.products[stage.key] = {"model": {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()},
+                                           "row": row}
+            save()
+            if stop:
+                raise StopRun
+    finally:
+        acc.free_memory()
     return run.products[stage.key]
 
 
@@ -337,7 +342,7 @@ def run_distill(rc: RunConfig, accelerator) -> Dict:
         prod = run_stage(run, Stage("stage2", m2, p.stage2, functools.partial(gendd_step, teacher=teacher),
                                     gendd_eval(p, teacher, test_loader, accelerator, rc.eval_batches, seed),
                                     train_loader, seed + 1))
-        results.update({f"gendd_{k}": prod["row"].get(f"acc_{k}") for k in ("sample", "sample_skip", "probe")})
+        results.update({f"gendd_acc_{k}": prod["row"].get(f"acc_{k}") for k in ("sample", "sample_skip", "probe")})
         on_main(accelerator, lambda: m2.gendd.head.save_pretrained(Path(rc.out) / "head"))
 
     if "probe" in rc.stages and p.probe is not None:

@@ -46,7 +46,7 @@ def run_tiny(rc: RunConfig, accelerator) -> Dict:
             teacher = models.build(p.teacher, p.num_classes)
             run_stage(run, Stage(f"seed{seed}-teacher", teacher, p.teacher_stage, ce_loss,
                                  classifier_eval(test_loader, accelerator, rc.eval_batches), train_loader, seed,
-                                 extra))
+                                 extra, "teacher"))
         teacher = models.freeze(teacher).to(accelerator.device)
         accs["teacher"] = evaluate_classifier(teacher, test_loader, "acc", accelerator, rc.eval_batches)["acc"]
 
@@ -63,7 +63,7 @@ def run_tiny(rc: RunConfig, accelerator) -> Dict:
                     _kd_step, teacher=teacher, temperature=p.kd_temperature, alpha=p.kd_alpha)
                 eval_fn = classifier_eval(test_loader, accelerator, rc.eval_batches)
             last = run_stage(run, Stage(f"seed{seed}-{method}", model, p.stage2, loss_fn, eval_fn, train_loader,
-                                        seed + 1000, extra))["row"]
+                                        seed + 1000, extra, method))["row"]
             if method == "gendd":
                 for key in ("sample", "sample_skip", "probe"):
                     accs[f"gendd_{key}"] = last.get(f"acc_{key}")
@@ -73,7 +73,7 @@ def run_tiny(rc: RunConfig, accelerator) -> Dict:
                 seed_shared(seed + 2000)
                 last = run_stage(run, Stage(f"seed{seed}-gendd_probe", ProbeModel(model.student), p.probe, ce_loss,
                                             classifier_eval(test_loader, accelerator, rc.eval_batches, "acc_probe"),
-                                            train_loader, seed + 2000, extra))["row"]
+                                            train_loader, seed + 2000, extra, "gendd_probe"))["row"]
                 accs["gendd_probe_stage"] = last.get("acc_probe")
         per_seed[seed] = accs
         accelerator.print(f"seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in accs.items() if v is not None))
@@ -81,7 +81,7 @@ def run_tiny(rc: RunConfig, accelerator) -> Dict:
     run.finished()
     stage_wall: Dict[str, float] = {}
     for r in run.log.rows:
-        name = r["stage"].split("-", 1)[1]
+        name = r["stage"]
         stage_wall[name] = stage_wall.get(name, 0.0) + r.get("epoch_s", 0.0)
     results = {"preset": p.name, "seeds": list(rc.seeds), "per_seed": per_seed, "wall_s": time.perf_counter() - start,
                "stage_wall_s": stage_wall, "processes": world, "mixed_precision": rc.mixed_precision,
