@@ -177,8 +177,6 @@ def run_stage(run: Run, stage: Stage) -> Dict:
             bar = tqdm(total=per_epoch, initial=pos["batch"], desc=f"{stage.key} {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=rc.quiet or not acc.is_local_main_process)
             for batch in loader:
-                if pos["batch"] >= per_epoch:
-                    break
                 if cfg.beta2_min is not None:  # rescheduled every iteration (docs/methods/gendd.md §2.10)
                     pos["beta2"] = beta2_at(pos["stage_step"], total_steps - 1, cfg.beta2_min, cfg.beta2)
                     set_beta2(optimizer, pos["beta2"])
@@ -208,6 +206,7 @@ def run_stage(run: Run, stage: Stage) -> Dict:
                         pos["elapsed"] += time.perf_counter() - start
                         save()
                         raise StopRun
+                if pos["batch"] >= per_epoch or stop:  # before the next fetch, whose augmentation draws no step uses
                     break
             bar.close()
             scheduler.step()
@@ -233,6 +232,9 @@ def run_stage(run: Run, stage: Stage) -> Dict:
             if stop:
                 raise StopRun
     finally:
+        # a module leaves its stage plain: accelerate's mixed-precision forward wrapper would otherwise keep
+        # autocasting it in later stages (a trained teacher), unlike the same module loaded on a resume
+        acc.unwrap_model(model, keep_fp32_wrapper=False)
         acc.free_memory()
     return run.products[stage.key]
 
