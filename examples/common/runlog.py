@@ -85,7 +85,7 @@ def _parse(v: str, integer: bool):
 
 
 def _md(v):
-    return "" if v is None else (float(f"{v:.4g}") if isinstance(v, float) else v)
+    return "" if v is None else (f"{v:.4g}" if isinstance(v, float) else v)  # losses need more than 2 decimals
 
 
 def plot_curves(path: Path, rows: Sequence[Dict], x: str, panels: Mapping[str, Sequence[str]], title: str = "",
