@@ -1,11 +1,13 @@
 """The run log every example writes from its main process only: ``log.csv``, ``log.json``, ``log.md`` (a
-markdown table) and ``curves.png`` (matplotlib), rewritten after every row, and ``results.json`` with the
+markdown table), rewritten after every row, and ``curves.png`` (matplotlib; redrawn at most every
+``plot_every_s`` seconds, a drawing costs about a second, and on ``close``), and ``results.json`` with the
 final metrics."""
 from __future__ import annotations
 
 import csv
 import json
 import math
+import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -19,10 +21,12 @@ class RunLog:
     plot panel's y label to the columns drawn in it, against ``x``, one line per stage."""
 
     def __init__(self, out: Path, is_main: bool, columns: Sequence[str] = (), x: str = "step",
-                 panels: Optional[Mapping[str, Sequence[str]]] = None, title: str = "", log_y: Sequence[str] = ()):
+                 panels: Optional[Mapping[str, Sequence[str]]] = None, title: str = "", log_y: Sequence[str] = (),
+                 plot_every_s: float = 60.0):
         self.out, self.is_main, self.columns, self.x = Path(out), bool(is_main), list(columns), x
         self.panels, self.title, self.log_y = dict(panels or {}), title, set(log_y)
         self.rows: List[Dict] = []
+        self.plot_every_s, self._plotted = plot_every_s, None
 
     def restore(self, rows: Iterable[Dict]) -> None:
         """The rows of a resumed run (from its checkpoint); files are rewritten with the next row."""
@@ -32,7 +36,11 @@ class RunLog:
         self.rows.append(dict(row))
         self.write()
 
-    def write(self) -> None:
+    def close(self) -> None:
+        """The final files, curves included."""
+        self.write(plot=True)
+
+    def write(self, plot: bool = False) -> None:
         if not self.is_main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -40,7 +48,9 @@ class RunLog:
         write_json(self.out / "log.json", self.rows)
         header = self._header()
         (self.out / "log.md").write_text(markdown_table(header, [[_md(r.get(k)) for k in header] for r in self.rows]))
-        if self.panels and self.rows:
+        due = self._plotted is None or time.monotonic() - self._plotted >= self.plot_every_s
+        if self.panels and self.rows and (plot or due):
+            self._plotted = time.monotonic()
             plot_curves(self.out / "curves.png", self.rows, self.x, self.panels, self.title, self.log_y)
 
     def _header(self) -> List[str]:

@@ -109,6 +109,7 @@ class Run:
         return Path(self.rc.out) / "checkpoints"
 
     def finished(self) -> None:
+        self.log.close()
         if self.resume_from is not None:
             raise RuntimeError(f"--resume: no stage of this run is named {self.resume_from.stage!r} "
                                f"(the checkpoint {self.resume_from.path})")
@@ -138,6 +139,7 @@ def run_stage(run: Run, stage: Stage) -> Dict:
         stage.model.load_state_dict(run.products[stage.key]["model"])
         return run.products[stage.key]
     if rc.max_steps is not None and run.step >= rc.max_steps:
+        run.log.close()
         raise StopRun
     optimizer = build_optimizer(stage.model, cfg)
     scheduler = build_scheduler(optimizer, cfg)  # per epoch: not handed to accelerate (it steps per iteration)
@@ -205,6 +207,7 @@ def run_stage(run: Run, stage: Stage) -> Dict:
                         bar.close()
                         pos["elapsed"] += time.perf_counter() - start
                         save()
+                        run.log.close()
                         raise StopRun
                 if pos["batch"] >= per_epoch or stop:  # before the next fetch, whose augmentation draws no step uses
                     break
@@ -230,6 +233,7 @@ def run_stage(run: Run, stage: Stage) -> Dict:
                                            "row": row}
             save()
             if stop:
+                run.log.close()
                 raise StopRun
     finally:
         # a module leaves its stage plain: accelerate's mixed-precision forward wrapper would otherwise keep
