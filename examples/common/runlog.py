@@ -4,9 +4,11 @@ markdown table), rewritten after every row, and ``curves.png`` (matplotlib; redr
 final metrics."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
@@ -44,10 +46,14 @@ class RunLog:
         if not self.is_main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        write_csv(self.out / "log.csv", self.rows, self.columns)
-        write_json(self.out / "log.json", self.rows)
         header = self._header()
-        (self.out / "log.md").write_text(markdown_table(header, [[_md(r.get(k)) for k in header] for r in self.rows]))
+        # each file is replaced whole, so that a reader (or a kill) never sees half of it
+        with _replaced(self.out / "log.csv") as tmp:
+            write_csv(tmp, self.rows, self.columns)
+        with _replaced(self.out / "log.json") as tmp:
+            write_json(tmp, self.rows)
+        with _replaced(self.out / "log.md") as tmp:
+            tmp.write_text(markdown_table(header, [[_md(r.get(k)) for k in header] for r in self.rows]))
         due = self._plotted is None or time.monotonic() - self._plotted >= self.plot_every_s
         if self.panels and self.rows and (plot or due):
             self._plotted = time.monotonic()
@@ -56,6 +62,13 @@ class RunLog:
     def _header(self) -> List[str]:
         present = {k for r in self.rows for k in r}
         return [c for c in self.columns if c in present] + sorted(present - set(self.columns))
+
+
+@contextlib.contextmanager
+def _replaced(path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    yield tmp
+    os.replace(tmp, path)
 
 
 def write_results(out: Path, results: Mapping, is_main: bool) -> None:

@@ -69,7 +69,8 @@ class RunConfig:
         return {"preset": self.preset.to_dict(), "seeds": list(self.seeds), "stages": list(self.stages),
                 "methods": list(self.methods), "mixed_precision": self.mixed_precision,
                 "steps_per_epoch": self.steps_per_epoch, "eval_batches": self.eval_batches,
-                "data_limit": self.data_limit, "teacher_ckpt": self.teacher_ckpt, "from_checkpoint": self.from_checkpoint,
+                "data_limit": self.data_limit, "teacher_ckpt": self.teacher_ckpt,
+                "from_checkpoint": self.from_checkpoint,
                 "deterministic": torch.are_deterministic_algorithms_enabled()}
 
 
@@ -229,8 +230,8 @@ def run_stage(run: Run, stage: Stage) -> Dict:
             if not rc.quiet:
                 acc.print(summary(row))
             if final:
-                run.products[stage.key] = {"model": {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()},
-                                           "row": row}
+                weights = {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
+                run.products[stage.key] = {"model": weights, "row": row}
             save()
             if stop:
                 run.log.close()
