@@ -301,7 +301,7 @@ def test_tiny_preset_smoke(tmp_path):
 def test_distill_pipeline_stages_on_stand_in_data(tmp_path, monkeypatch, accelerator):
     """run_distill (the CIFAR/ImageNet path) end to end: stage 1 -> stage 2 -> probe, with small CNNs and
     random 3x8x8 images standing in for the zoo models and the dataset; then stage 2 alone from the
-    stage-1 checkpoint (--stage1-ckpt)."""
+    stage-1 run's checkpoint (--from-checkpoint)."""
     from examples.gendd import pipeline
 
     monkeypatch.setattr(models, "load", lambda name, path, k: TinyCNN((8, 16), k, in_channels=3))
