@@ -36,3 +36,35 @@ def comma_list(text: Optional[str], cast: Callable = str) -> Tuple:
 def comma_ints(text: str) -> Tuple[int, ...]:
     """An argparse ``type`` for '0,1,2'."""
     return comma_list(text, int)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options every example's run accepts: ``--seed N`` or ``--seeds A,B,C``, ``--mixed-precision``,
+    ``--max-steps N`` (optimizer steps over all stages; the run stops right after the checkpoint written at
+    step N) and ``--resume`` (continue from the latest checkpoint in ``--out``; a checkpoint written with
+    other settings is refused)."""
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=None, help="base seed (default 0); rank r draws from seed "
+                                                              "+ r x examples.common.seeding.RANK_STRIDE")
+    seeds.add_argument("--seeds", type=comma_ints, default=None, help="comma list of seeds, run one after another")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                        help="accelerate's autocast (bf16 also on CPU)")
+    parser.add_argument("--max-steps", type=_positive_int, default=None,
+                        help="stop right after the checkpoint at this global optimizer step (all stages count)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in --out (refused if it was made with other "
+                             "settings)")
+
+
+def run_seeds(args: argparse.Namespace) -> Tuple[int, ...]:
+    """The seeds of a run: ``--seeds``, else ``--seed``, else (0,)."""
+    if args.seeds:
+        return tuple(args.seeds)
+    return (0 if args.seed is None else args.seed,)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value

@@ -15,21 +15,26 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class EpochSampler(Sampler):
-    """A random permutation per epoch, drawn from ``seed`` and the epoch only (``set_epoch``), so an
-    epoch's order does not depend on what ran before it: resuming replays it exactly."""
+    """This rank's share of a random permutation per epoch, drawn from ``seed`` and the epoch only
+    (``set_epoch``), so an epoch's order does not depend on what ran before it. Rank r of ``world`` takes
+    every world-th index from r (all ranks get equally many); ``set_epoch(e, start)`` skips the first ``start``
+    of them without loading them (a resume in the middle of an epoch)."""
 
-    def __init__(self, size: int, seed: int = 0):
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"EpochSampler: rank must be in [0, {world}), got {rank}")
+        self.size, self.seed, self.rank, self.world, self.epoch, self.start = size, seed, rank, world, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=g).tolist())
+        order = torch.randperm(self.size, generator=g)[:self.size // self.world * self.world]
+        return iter(order[self.rank::self.world][self.start:].tolist())
 
     def __len__(self) -> int:
-        return self.size
+        return self.size // self.world - self.start
 
 
 class DigitsDataset(Dataset):
@@ -123,12 +128,17 @@ def datasets_for(dataset: str, data_root: Optional[str], crop_scale=None, limit:
 
 
 def loaders(train: Dataset, test: Dataset, batch_size: int, seed: int, num_workers: int = 0,
-            eval_batch_size: Optional[int] = None) -> Tuple[DataLoader, DataLoader]:
-    """Training loader over ``EpochSampler`` (drop_last: every step sees a full batch) and a sequential
-    test loader. ``batch_size`` is per process. Digits with ``augment`` are shifted per batch."""
+            eval_batch_size: Optional[int] = None, rank: int = 0, world: int = 1) -> Tuple[DataLoader, DataLoader]:
+    """Training loader over this rank's ``EpochSampler`` share (drop_last: every step sees a full batch) and
+    a sequential test loader. ``batch_size`` is per process. Digits with ``augment`` are shifted per batch.
+    The training loader is not handed to accelerate: it is already sharded, and it loads a batch only when
+    the step asks for it (accelerate's loader fetches one batch ahead, so a checkpoint taken inside an epoch
+    would hold RNG states past the next batch's augmentation). Its own generator seeds the worker processes,
+    so creating an iterator does not draw from the training RNG."""
     kw = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
     collate = ShiftCollate() if getattr(train, "augment", False) else None
-    train_loader = DataLoader(train, batch_size=batch_size, sampler=EpochSampler(len(train), seed), drop_last=True,
-                              collate_fn=collate, **kw)
+    train_loader = DataLoader(train, batch_size=batch_size, sampler=EpochSampler(len(train), seed, rank, world),
+                              drop_last=True, collate_fn=collate, generator=torch.Generator().manual_seed(seed),
+                              **kw)
     test_loader = DataLoader(test, batch_size=eval_batch_size or batch_size, shuffle=False, **kw)
     return train_loader, test_loader

@@ -1,29 +1,48 @@
-"""The two pipelines of ``train.py``.
+"""GenDD's stages, data, logging and checkpoints.
 
+* ``run_stage``: the epoch loop of one stage (AdamW/SGD with the per-epoch LR schedule and GenDD's
+  per-iteration beta2 ramp, accelerate for devices / DDP / mixed precision, tqdm, one log row per epoch).
+  A checkpoint (``examples.common.checkpoint``) is written after every epoch, and at ``--max-steps`` (a
+  global optimizer-step count over all stages of the run), where the run then stops (``StopRun``).
 * ``run_distill`` (CIFAR-100 / ImageNet presets): frozen teacher from ``--teacher-ckpt``, stage 1, stage 2
-  (GenDD), optional linear probe; final sampling and probe accuracies.
-* ``run_tiny`` (digits, CPU): trains a teacher CNN, then the same student three ways under one budget
-  (cross-entropy, Hinton KD, GenDD stage 2) for each seed, and writes the accuracy table.
+  (GenDD), optional linear probe; final sampling and probe accuracies. The tiny CPU experiment is ``tiny.py``.
+
+Randomness: models are built from a seed shared by every rank; each stage then trains from the rank's own
+stream (``examples.common.seeding``): the global generators (augmentation) and a generator the stage owns for
+GenDD's timesteps, noise, CFG-drop masks and mixup. A resumed stage restores all of them.
 """
 from __future__ import annotations
 
 import functools
-import statistics
+import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
-from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
 
-from ..common.tables import markdown_table, write_json
-from . import data, models, report
+from ..common import checkpoint
+from ..common.main_process import on_main
+from ..common.runlog import RunLog, write_results
+from ..common.seeding import rank_generator, seed_rank_stream, seed_shared
+from ..common.tables import markdown_table
+from . import data, models
 from .evaluate import evaluate_classifier, evaluate_gendd
-from .presets import Preset, StageConfig
-from .stages import (GenDDModel, ProbeModel, Stage1Model, build_gendd_loss, ce_loss, gendd_loss, kd_loss,
+from .method import (GenDDModel, ProbeModel, Stage1Model, build_gendd_loss, ce_loss, gendd_loss,
                      load_stage1_backbone, stage1_loss)
-from .trainer import RunOptions, Stage, run_stage, summary
+from .optim import beta2_at, build_optimizer, build_scheduler, set_beta2
+from .presets import Preset, StageConfig
+
+LossFn = Callable[[nn.Module, object, torch.Generator], tuple]  # (prepared module, batch, generator) -> (loss, metrics)
+EvalFn = Callable[[nn.Module, int, bool], Dict[str, float]]      # (unwrapped module, epoch, final) -> metrics
+
+COLUMNS = ["stage", "epoch", "step", "seed", "loss", "diff", "mse", "vb", "ce", "kd", "train_acc", "lr", "beta2",
+           "acc", "acc_sample", "acc_sample_skip", "acc_probe", "epoch_s"]
+PANELS = {"training loss": ("loss", "diff"), "test top-1 (%)": ("acc", "acc_probe", "acc_sample", "acc_sample_skip")}
+TIMING = ("epoch_s",)  # columns that differ between two runs of the same settings
 
 
 @dataclass
@@ -34,27 +53,202 @@ class RunConfig:
     stages: Tuple[str, ...] = ("stage1", "stage2")
     data_root: Optional[str] = None
     teacher_ckpt: Optional[str] = None
-    stage1_ckpt: Optional[str] = None
+    from_checkpoint: Optional[str] = None     # an earlier run's checkpoint: its finished stages are reused
     resume: bool = False
-    max_steps: Optional[int] = None
+    max_steps: Optional[int] = None          # global optimizer steps (all stages); stop after that checkpoint
     steps_per_epoch: Optional[int] = None
     eval_batches: Optional[int] = None
     data_limit: Optional[int] = None
     quiet: bool = False
     methods: Tuple[str, ...] = ("ce", "kd", "gendd")  # tiny preset: which students to train
+    mixed_precision: str = "no"
+    keep_checkpoints: int = 2
+
+    def settings(self) -> Dict:
+        """What changes the results (the checkpoint fingerprint): not out, resume, max_steps, quiet."""
+        return {"preset": self.preset.to_dict(), "seeds": list(self.seeds), "stages": list(self.stages),
+                "methods": list(self.methods), "mixed_precision": self.mixed_precision,
+                "steps_per_epoch": self.steps_per_epoch, "eval_batches": self.eval_batches,
+                "data_limit": self.data_limit, "teacher_ckpt": self.teacher_ckpt,
+                "from_checkpoint": self.from_checkpoint,
+                "deterministic": torch.are_deterministic_algorithms_enabled()}
 
 
-class RunLog:
-    """Collects every stage's epoch rows, rewrites log.csv after each epoch and prints a summary line."""
+class StopRun(Exception):
+    """Raised right after the checkpoint at ``--max-steps``."""
 
-    def __init__(self, path: Path, accelerator):
-        self.path, self.accelerator, self.rows = path, accelerator, []
 
-    def __call__(self, row: Dict, replay: bool = False) -> None:
-        self.rows.append(row)
-        report.write_csv(self.path, self.rows)
-        if not replay:
-            self.accelerator.print(summary(row))
+@dataclass
+class Run:
+    """What every stage of a run shares: the accelerator, the global step, the log, the checkpoint to resume
+    from (consumed by the stage it belongs to) and the products of the finished stages."""
+    rc: RunConfig
+    accelerator: object
+    log: RunLog
+    step: int = 0
+    resume_from: Optional[checkpoint.Checkpoint] = None
+    products: Dict[str, Dict] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, rc: RunConfig, accelerator, title: str) -> "Run":
+        log = RunLog(rc.out, accelerator.is_main_process, COLUMNS, x="step", panels=PANELS, title=title,
+                     log_y=("training loss",))
+        run = cls(rc, accelerator, log)
+        if rc.resume:
+            ckpt = checkpoint.latest(run.ckpt_root, rc.settings(), accelerator.num_processes)
+            if ckpt is None:
+                accelerator.print(f"--resume: no checkpoint in {run.ckpt_root}; starting from the beginning")
+            else:
+                run.resume_from, run.step = ckpt, ckpt.step
+                run.products = dict(ckpt.state["products"])
+                log.restore(ckpt.state["rows"])
+                accelerator.print(f"resuming from {ckpt.path} (stage {ckpt.stage}, step {ckpt.step})")
+        return run
+
+    @property
+    def ckpt_root(self) -> Path:
+        return Path(self.rc.out) / "checkpoints"
+
+    def finished(self) -> None:
+        self.log.close()
+        if self.resume_from is not None:
+            raise RuntimeError(f"--resume: no stage of this run is named {self.resume_from.stage!r} "
+                               f"(the checkpoint {self.resume_from.path})")
+
+
+@dataclass
+class Stage:
+    key: str                      # unique in the run: names its checkpoints and products
+    model: nn.Module              # the trainable module (unwrapped); the frozen teacher stays outside
+    cfg: StageConfig
+    loss_fn: LossFn
+    eval_fn: Optional[EvalFn] = None
+    train_loader: object = None
+    seed: int = 0                 # the training streams: rank_seed(seed, rank)
+    row_extra: Dict[str, object] = field(default_factory=dict)
+    name: Optional[str] = None    # the log's stage column (default: key)
+
+
+def run_stage(run: Run, stage: Stage) -> Dict:
+    """Train ``stage`` (or what is left of it after a resume) and return its product: the trained weights
+    (``stage.model`` holds them afterwards too) and its last log row. A stage finished before the resume point
+    only loads its product."""
+    acc, rc, cfg = run.accelerator, run.rc, stage.cfg
+    if stage.key in run.products:
+        if run.resume_from is not None and run.resume_from.stage == stage.key:  # written as the stage finished
+            run.resume_from = None
+        stage.model.load_state_dict(run.products[stage.key]["model"])
+        return run.products[stage.key]
+    if rc.max_steps is not None and run.step >= rc.max_steps:
+        run.log.close()
+        raise StopRun
+    optimizer = build_optimizer(stage.model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)  # per epoch: not handed to accelerate (it steps per iteration)
+    model, optimizer = acc.prepare(stage.model, optimizer)
+    unwrapped = acc.unwrap_model(model)
+    generator = rank_generator(stage.seed, acc.process_index)  # GenDD's timesteps, noise, masks, mixup
+    generators = {"method": generator}
+    loader, sampler = stage.train_loader, stage.train_loader.sampler
+    sampler.set_epoch(0)
+    per_epoch = len(loader) if rc.steps_per_epoch is None else min(len(loader), rc.steps_per_epoch)
+    total_steps = max(cfg.epochs * per_epoch, 1)
+    pos = {"epoch": 0, "batch": 0, "stage_step": 0, "sums": {}, "count": 0, "beta2": cfg.beta2, "elapsed": 0.0}
+    ckpt = run.resume_from
+    if ckpt is not None:
+        if ckpt.stage != stage.key:
+            raise RuntimeError(f"--resume: the checkpoint {ckpt.path} is of stage {ckpt.stage!r}, but stage "
+                               f"{stage.key!r} before it has no product in it")
+        rank_state = checkpoint.load(ckpt, acc, stage.key, generators)
+        pos = rank_state["position"]
+        scheduler.load_state_dict(rank_state["scheduler"])
+        run.resume_from = None
+    else:
+        seed_rank_stream(stage.seed, acc.process_index)
+
+    def save():
+        checkpoint.save(run.ckpt_root, acc, stage=stage.key, step=run.step, settings=rc.settings(),
+                        state={"rows": run.log.rows, "products": run.products}, generators=generators,
+                        rank_state={"position": pos, "scheduler": scheduler.state_dict()}, keep=rc.keep_checkpoints)
+
+    try:  # the prepared objects are released whether the stage ends, stops at --max-steps or fails
+        while pos["epoch"] < cfg.epochs:
+            epoch = pos["epoch"]
+            sampler.set_epoch(epoch, pos["batch"] * loader.batch_size)  # the batches done before a resume
+            model.train()
+            lr = optimizer.param_groups[0]["lr"]
+            start, stop = time.perf_counter(), False
+            bar = tqdm(total=per_epoch, initial=pos["batch"], desc=f"{stage.key} {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=rc.quiet or not acc.is_local_main_process)
+            for batch in loader:
+                if cfg.beta2_min is not None:  # rescheduled every iteration (docs/methods/gendd.md §2.10)
+                    pos["beta2"] = beta2_at(pos["stage_step"], total_steps - 1, cfg.beta2_min, cfg.beta2)
+                    set_beta2(optimizer, pos["beta2"])
+                batch = tuple(t.to(acc.device) for t in batch)
+                with acc.autocast():
+                    loss, metrics = stage.loss_fn(model, batch, generator)
+                optimizer.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                optimizer.step()
+                run.step += 1
+                pos["stage_step"] += 1
+                pos["batch"] += 1
+                pos["count"] += 1
+                for k, v in metrics.items():
+                    pos["sums"][k] = pos["sums"].get(k, 0.0) + v.detach().float()
+                bar.update(1)
+                if pos["batch"] % 20 == 1:
+                    current = float(loss.detach())
+                    if not math.isfinite(current):
+                        raise FloatingPointError(f"[{stage.key}] non-finite loss {current} at epoch {epoch + 1}, "
+                                                 f"step {run.step}")
+                    bar.set_postfix(loss=f"{current:.4f}")
+                if rc.max_steps is not None and run.step >= rc.max_steps:
+                    stop = True
+                    if pos["batch"] < per_epoch:  # inside the epoch: checkpoint here and stop
+                        bar.close()
+                        pos["elapsed"] += time.perf_counter() - start
+                        save()
+                        run.log.close()
+                        raise StopRun
+                if pos["batch"] >= per_epoch or stop:  # before the next fetch, whose augmentation draws no step uses
+                    break
+            bar.close()
+            scheduler.step()
+            count = max(pos["count"], 1)
+            row = {"stage": stage.name or stage.key, "epoch": epoch + 1, "step": run.step, **stage.row_extra}
+            for k, v in pos["sums"].items():
+                row[k] = float(acc.reduce(torch.as_tensor(v, device=acc.device) / count, "mean"))
+            if not all(math.isfinite(row[k]) for k in pos["sums"]):
+                raise FloatingPointError(f"[{stage.key}] non-finite training metrics at epoch {epoch + 1}: {row}")
+            row.update(lr=lr, beta2=pos["beta2"], epoch_s=pos["elapsed"] + time.perf_counter() - start)
+            pos = {"epoch": epoch + 1, "batch": 0, "stage_step": pos["stage_step"], "sums": {}, "count": 0,
+                   "beta2": pos["beta2"], "elapsed": 0.0}
+            final = pos["epoch"] == cfg.epochs
+            if stage.eval_fn is not None:
+                row.update(stage.eval_fn(unwrapped, epoch + 1, final))
+            run.log.add(row)
+            if not rc.quiet:
+                acc.print(summary(row))
+            if final:
+                weights = {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
+                run.products[stage.key] = {"model": weights, "row": row}
+            save()
+            if stop:
+                run.log.close()
+                raise StopRun
+    finally:
+        # a module leaves its stage plain: accelerate's mixed-precision forward wrapper would otherwise keep
+        # autocasting it in later stages (a trained teacher), unlike the same module loaded on a resume
+        acc.unwrap_model(model, keep_fp32_wrapper=False)
+        acc.free_memory()
+    return run.products[stage.key]
+
+
+def summary(row: Dict) -> str:
+    keys = ("loss", "diff", "ce", "kd", "train_acc", "acc", "acc_probe", "acc_sample", "acc_sample_skip", "lr",
+            "beta2")
+    parts = [f"{k} {row[k]:.4g}" for k in keys if isinstance(row.get(k), float)]
+    return f"[{row['stage']}] epoch {row['epoch']} step {row['step']}: " + ", ".join(parts)
 
 
 def rescale(cfg: StageConfig, epochs: Optional[int]) -> StageConfig:
@@ -66,12 +260,14 @@ def rescale(cfg: StageConfig, epochs: Optional[int]) -> StageConfig:
                    milestones=tuple(max(1, round(m * f)) for m in cfg.milestones))
 
 
-def _options(rc: RunConfig, ckpt_dir: Path, log: RunLog, **extra) -> RunOptions:
-    return RunOptions(ckpt_dir=ckpt_dir, resume=rc.resume, max_steps=rc.max_steps, steps_per_epoch=rc.steps_per_epoch,
-                      quiet=rc.quiet, on_epoch=log, row_extra=extra)
+def per_process_batch(total: int, accelerator) -> int:
+    """The per-process share of a total batch size (refused when it does not divide)."""
+    if total % accelerator.num_processes:
+        raise SystemExit(f"--batch-size {total} is not divisible by the {accelerator.num_processes} processes")
+    return total // accelerator.num_processes
 
 
-def _gendd_eval(preset: Preset, teacher, test_loader, accelerator, eval_batches, seed: int):
+def gendd_eval(preset: Preset, teacher, test_loader, accelerator, eval_batches, seed: int) -> EvalFn:
     def evaluate(model, epoch: int, final: bool) -> Dict[str, float]:
         sample = final or epoch % max(preset.val_every, 1) == 0
         return evaluate_gendd(model, teacher, test_loader, num_steps=preset.eval_steps, cfg_scale=preset.eval_cfg,
@@ -80,36 +276,47 @@ def _gendd_eval(preset: Preset, teacher, test_loader, accelerator, eval_batches,
     return evaluate
 
 
-def _classifier_eval(test_loader, accelerator, eval_batches, name: str = "acc"):
+def classifier_eval(test_loader, accelerator, eval_batches, name: str = "acc") -> EvalFn:
     return lambda model, epoch, final: evaluate_classifier(model, test_loader, name, accelerator, eval_batches)
 
 
-def _last(state, *keys) -> Dict[str, float]:
-    row = state.rows[-1] if state.rows else {}
-    return {k: row.get(k) for k in keys}
+def gendd_step(model, batch, generator, teacher):
+    return gendd_loss(model, teacher, batch, generator)
 
 
-# ------------------------------------------------------------------------------------------ CIFAR / ImageNet
+def earlier_products(path: Optional[str]) -> Dict[str, Dict]:
+    """The finished stages of an earlier run's checkpoint (a ``step-*`` folder, or a ``checkpoints`` folder:
+    its latest), for ``--from-checkpoint``."""
+    if not path:
+        return {}
+    path = Path(path)
+    if (path / checkpoint.LATEST).is_file():
+        path = path / (path / checkpoint.LATEST).read_text().strip()
+    if not (path / "state.pt").is_file():
+        raise FileNotFoundError(f"--from-checkpoint {path}: not a checkpoint (no state.pt)")
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)["products"]
+
 
 def run_distill(rc: RunConfig, accelerator) -> Dict:
+    """CIFAR-100 / ImageNet: stage 1, stage 2 (GenDD) and the optional probe, from a frozen local teacher."""
     p, seed = rc.preset, rc.seeds[0]
-    set_seed(seed)
-    rc.out.mkdir(parents=True, exist_ok=True)
-    log, ckpt_dir = RunLog(rc.out / "log.csv", accelerator), rc.out / "checkpoints"
     if not rc.teacher_ckpt:
         raise SystemExit(f"--teacher-ckpt is required for {p.name}: the {p.teacher} teacher is loaded from a local "
                          "file (nothing is downloaded)")
     if not Path(rc.teacher_ckpt).is_file():
         raise FileNotFoundError(f"--teacher-ckpt {rc.teacher_ckpt}: no such file (the {p.teacher} teacher's weights)")
+    run = Run.start(rc, accelerator, f"GenDD {p.name}")
     teacher = models.freeze(models.load(p.teacher, rc.teacher_ckpt, p.num_classes)).to(accelerator.device)
-    batch = p.batch_size // accelerator.num_processes
+    batch = per_process_batch(p.batch_size, accelerator)
+    earlier = earlier_products(rc.from_checkpoint)
 
     cache: Dict[object, tuple] = {}
 
     def loaders_for(cfg: StageConfig):  # the datasets are read once per crop scale (ImageFolder scans are slow)
         if cfg.crop_scale not in cache:
             cache[cfg.crop_scale] = data.datasets_for(p.dataset, rc.data_root, cfg.crop_scale, rc.data_limit)
-        train_loader, test_loader = data.loaders(*cache[cfg.crop_scale], batch, seed, p.num_workers)
+        train_loader, test_loader = data.loaders(*cache[cfg.crop_scale], batch, seed, p.num_workers,
+                                                 rank=accelerator.process_index, world=accelerator.num_processes)
         return train_loader, accelerator.prepare(test_loader)
 
     results: Dict[str, object] = {"preset": p.name, "teacher": p.teacher, "student": p.student}
@@ -120,16 +327,16 @@ def run_distill(rc: RunConfig, accelerator) -> Dict:
 
     stage1_state = None
     if "stage1" in rc.stages and p.stage1 is not None:
+        seed_shared(seed)
         m1 = Stage1Model(models.build(p.student, p.num_classes), teacher)
         train_loader, test_loader = loaders_for(p.stage1)
-        st = run_stage(Stage("stage1", m1, p.stage1, stage1_loss, _classifier_eval(test_loader, accelerator,
-                                                                                       rc.eval_batches),
-                             train_loader), accelerator, _options(rc, ckpt_dir, log))
-        stage1_state, results["stage1_acc"] = m1.state_dict(), _last(st, "acc")["acc"]
-        accelerator.free_memory()
-    elif rc.stage1_ckpt:
-        stage1_state = torch.load(rc.stage1_ckpt, map_location="cpu", weights_only=False)["model"]
+        prod = run_stage(run, Stage("stage1", m1, p.stage1, stage1_loss,
+                                    classifier_eval(test_loader, accelerator, rc.eval_batches), train_loader, seed))
+        stage1_state, results["stage1_acc"] = prod["model"], prod["row"].get("acc")
+    elif "stage1" in earlier:
+        stage1_state = earlier["stage1"]["model"]
 
+    seed_shared(seed + 1)
     student = models.build(p.student, p.num_classes)
     m2 = None
     if "stage2" in rc.stages:
@@ -139,164 +346,32 @@ def run_distill(rc: RunConfig, accelerator) -> Dict:
                               f"missing: {info['missing']})")
         m2 = GenDDModel(student, build_gendd_loss(p, student, teacher))
         train_loader, test_loader = loaders_for(p.stage2)
-        st = run_stage(Stage("stage2", m2, p.stage2, functools.partial(_gendd_step, teacher=teacher),
-                             _gendd_eval(p, teacher, test_loader, accelerator, rc.eval_batches, seed), train_loader),
-                       accelerator, _options(rc, ckpt_dir, log))
-        results.update({f"gendd_{k}": v for k, v in _last(st, "acc_sample", "acc_sample_skip", "acc_probe").items()})
-        if accelerator.is_main_process:
-            m2.gendd.head.save_pretrained(rc.out / "head")
-        accelerator.free_memory()
+        prod = run_stage(run, Stage("stage2", m2, p.stage2, functools.partial(gendd_step, teacher=teacher),
+                                    gendd_eval(p, teacher, test_loader, accelerator, rc.eval_batches, seed),
+                                    train_loader, seed + 1))
+        results.update({f"gendd_acc_{k}": prod["row"].get(f"acc_{k}") for k in ("sample", "sample_skip", "probe")})
+        on_main(accelerator, lambda: m2.gendd.head.save_pretrained(Path(rc.out) / "head"))
 
     if "probe" in rc.stages and p.probe is not None:
         if m2 is None:  # the probe alone: the student of an earlier stage-2 run
+            if "stage2" not in earlier:
+                raise SystemExit("--stages probe without stage2 needs --from-checkpoint: a checkpoint of a run that "
+                                 "finished stage 2")
             m2 = GenDDModel(student, build_gendd_loss(p, student, teacher))
-            m2.load_state_dict(torch.load(ckpt_dir / "stage2.pt", map_location="cpu", weights_only=False)["model"])
+            m2.load_state_dict(earlier["stage2"]["model"])
+        seed_shared(seed + 2)
         probe = ProbeModel(m2.student)
         train_loader, test_loader = loaders_for(p.stage2)
-        st = run_stage(Stage("probe", probe, p.probe, ce_loss,
-                             _classifier_eval(test_loader, accelerator, rc.eval_batches, "acc_probe"), train_loader),
-                       accelerator, _options(rc, ckpt_dir, log))
-        results["probe_acc"] = _last(st, "acc_probe")["acc_probe"]
-        accelerator.free_memory()
+        prod = run_stage(run, Stage("probe", probe, p.probe, ce_loss,
+                                    classifier_eval(test_loader, accelerator, rc.eval_batches, "acc_probe"),
+                                    train_loader, seed + 2))
+        results["probe_acc"] = prod["row"].get("acc_probe")
 
+    run.finished()
     results["wall_s"] = time.perf_counter() - start
+    write_results(rc.out, results, accelerator.is_main_process)
     if accelerator.is_main_process:
-        _write_results(rc.out, results, log.rows, p)
+        table = [(k, v) for k, v in results.items() if isinstance(v, float)]
+        (Path(rc.out) / "results.md").write_text(f"# GenDD {p.name}: {p.teacher} -> {p.student}\n\n"
+                                                 + markdown_table(["metric", "value"], table))
     return results
-
-
-def _gendd_step(model, batch, teacher):
-    return gendd_loss(model, teacher, batch)
-
-
-def _write_results(out: Path, results: Dict, rows: List[Dict], p: Preset) -> None:
-    write_json(out / "results.json", results)
-    table = [(k, v) for k, v in results.items() if isinstance(v, float)]
-    (out / "results.md").write_text(f"# GenDD {p.name}: {p.teacher} -> {p.student}\n\n"
-                                    + markdown_table(["metric", "value"], table))
-    if rows:
-        report.plot(out / "curves.png", rows, f"GenDD {p.name}")
-
-
-# ------------------------------------------------------------------------------------------ tiny (digits)
-
-METHODS = ("ce", "kd", "gendd")
-TABLE_ROWS = (("teacher (CE)", "teacher"),
-              ("student, cross-entropy", "ce"),
-              ("student, KD (T=4, alpha=0.9)", "kd"),
-              ("student, GenDD: sampling as coded (chain starts at t=999)", "gendd_sample"),
-              ("student, GenDD: sampling without the t=999 step", "gendd_sample_skip"),
-              ("student, GenDD: stage-2 linear probe (Acc_new)", "gendd_probe"),
-              ("student, GenDD + linear-probe stage (frozen features, extra)", "gendd_probe_stage"))
-
-
-def run_tiny(rc: RunConfig, accelerator) -> Dict:
-    p = rc.preset
-    rc.out.mkdir(parents=True, exist_ok=True)
-    log = RunLog(rc.out / "log.csv", accelerator)
-    per_seed: Dict[int, Dict[str, float]] = {}
-    times: Dict[str, float] = {}
-    start = time.perf_counter()
-    for seed in rc.seeds:
-        ckpt_dir = rc.out / f"seed{seed}"
-        set_seed(seed)
-        train, test = data.digits(limit=rc.data_limit)
-        train_loader, test_loader = data.loaders(train, test, p.batch_size // accelerator.num_processes, seed,
-                                                 p.num_workers, eval_batch_size=512)
-        test_loader = accelerator.prepare(test_loader)
-        accs: Dict[str, float] = {}
-
-        t0 = time.perf_counter()
-        if rc.teacher_ckpt:
-            teacher = models.load(p.teacher, rc.teacher_ckpt, p.num_classes)
-        else:
-            teacher = models.build(p.teacher, p.num_classes)
-            run_stage(Stage("teacher", teacher, p.teacher_stage, ce_loss,
-                            _classifier_eval(test_loader, accelerator, rc.eval_batches), train_loader),
-                      accelerator, _options(rc, ckpt_dir, log, seed=seed))
-        teacher = models.freeze(accelerator.unwrap_model(teacher)).to(accelerator.device)
-        accs["teacher"] = evaluate_classifier(teacher, test_loader, "acc", accelerator, rc.eval_batches)["acc"]
-        times["teacher"] = times.get("teacher", 0.0) + time.perf_counter() - t0
-
-        for method in rc.methods:
-            t0 = time.perf_counter()
-            set_seed(seed + 1000)  # the same student initialisation for the three methods
-            student = models.build(p.student, p.num_classes)
-            if method == "gendd":
-                model = GenDDModel(student, build_gendd_loss(p, student, teacher))
-                loss_fn = functools.partial(_gendd_step, teacher=teacher)
-                eval_fn = _gendd_eval(p, teacher, test_loader, accelerator, rc.eval_batches, seed)
-            else:
-                model = student
-                loss_fn = ce_loss if method == "ce" else functools.partial(
-                    _kd_step, teacher=teacher, temperature=p.kd_temperature, alpha=p.kd_alpha)
-                eval_fn = _classifier_eval(test_loader, accelerator, rc.eval_batches)
-            st = run_stage(Stage(method, model, p.stage2, loss_fn, eval_fn, train_loader), accelerator,
-                           _options(rc, ckpt_dir, log, seed=seed))
-            last = st.rows[-1] if st.rows else {}
-            if method == "gendd":
-                for key in ("sample", "sample_skip", "probe"):
-                    accs[f"gendd_{key}"] = last.get(f"acc_{key}")
-            else:
-                accs[method] = last.get("acc")
-            times[method] = times.get(method, 0.0) + time.perf_counter() - t0
-            accelerator.free_memory()
-            if method == "gendd" and "probe" in rc.stages and p.probe is not None:
-                t0 = time.perf_counter()
-                st = run_stage(Stage("gendd_probe", ProbeModel(model.student), p.probe, ce_loss,
-                                     _classifier_eval(test_loader, accelerator, rc.eval_batches, "acc_probe"),
-                                     train_loader), accelerator, _options(rc, ckpt_dir, log, seed=seed))
-                accs["gendd_probe_stage"] = st.rows[-1].get("acc_probe") if st.rows else None
-                times["gendd_probe"] = times.get("gendd_probe", 0.0) + time.perf_counter() - t0
-                accelerator.free_memory()
-        per_seed[seed] = accs
-        accelerator.print(f"seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in accs.items() if v is not None))
-
-    results = {"preset": p.name, "seeds": list(rc.seeds), "per_seed": per_seed, "wall_s": time.perf_counter() - start,
-               "stage_wall_s": times, "budget": {"epochs": p.stage2.epochs, "batch_size": p.batch_size,
-                                                 "steps_per_epoch": rc.steps_per_epoch, "max_steps": rc.max_steps,
-                                                 "optimizer": p.stage2.to_dict()},
-               "gendd": {"R": p.batch_mul, "contraction": p.contraction, "head_width": p.head_width,
-                         "head_depth": p.head_depth, "eval_steps": p.eval_steps, "eval_samples": p.eval_samples,
-                         "eval_cfg": p.eval_cfg}}
-    results["summary"] = {key: _mean_std([per_seed[s].get(key) for s in rc.seeds]) for _, key in TABLE_ROWS}
-    if accelerator.is_main_process:
-        write_json(rc.out / "results.json", results)
-        table = tiny_table(per_seed, rc.seeds)
-        (rc.out / "results.md").write_text(
-            f"# GenDD tiny preset (digits): top-1 on the fixed test split (%)\n\n{table}\n"
-            f"Same budget for the three students: {p.stage2.epochs} epochs, batch {p.batch_size}, AdamW "
-            f"lr {p.stage2.lr}, beta2 {p.stage2.beta2_min}->{p.stage2.beta2}. GenDD: R={p.batch_mul}, "
-            f"lambda={p.contraction}, head {p.head_depth}x{p.head_width}, sampling {p.eval_steps} steps, "
-            f"CFG {p.eval_cfg}, n_s {p.eval_samples}. The last row adds a linear-probe stage "
-            f"({p.probe.epochs if p.probe else 0} epochs, SGD lr {p.probe.lr if p.probe else '-'}, a fresh fc on "
-            f"the frozen student). Wall time {results['wall_s']:.0f} s.\n")
-        accelerator.print("\n" + table)
-        if log.rows:
-            first = [r for r in log.rows if r.get("seed") == rc.seeds[0]]
-            report.plot(rc.out / "curves.png", first, f"GenDD tiny preset, seed {rc.seeds[0]}")
-    return results
-
-
-def _kd_step(model, batch, teacher, temperature, alpha):
-    return kd_loss(model, teacher, batch, temperature, alpha)
-
-
-def _mean_std(values: Sequence[Optional[float]]) -> Dict[str, Optional[float]]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
-def tiny_table(per_seed: Dict[int, Dict[str, float]], seeds: Sequence[int]) -> str:
-    header = ["method"] + [f"seed {s}" for s in seeds] + (["mean ± std"] if len(seeds) > 1 else [])
-    rows = []
-    for label, key in TABLE_ROWS:
-        values = [per_seed[s].get(key) for s in seeds]
-        row = [label] + [v if v is not None else "-" for v in values]
-        if len(seeds) > 1:
-            ms = _mean_std(values)
-            row.append("-" if ms["mean"] is None else f"{ms['mean']:.2f} ± {ms['std']:.2f}")
-        rows.append(row)
-    return markdown_table(header, rows)

@@ -6,8 +6,9 @@
     accelerate launch examples/gendd/train.py --preset r34_r18 --data-root /data/imagenet \\
         --teacher-ckpt /ckpt/resnet34.pth                            # 8 GPUs: 512 = 8 x 64
 
-Outputs go to runs/gendd/<preset>/ (``--out``): log.csv (one row per epoch and stage), curves.png,
-results.json / results.md and per-epoch checkpoints; ``--resume`` continues exactly where a run stopped.
+Outputs go to runs/gendd/<preset>/ (``--out``): log.csv / log.json / log.md (one row per epoch and stage),
+curves.png, results.json / results.md and checkpoints/ (every epoch); ``--max-steps N`` stops after the
+checkpoint at optimizer step N (all stages count), ``--resume`` continues exactly where a run stopped.
 Nothing is downloaded: datasets come from ``--data-root`` and teachers from ``--teacher-ckpt``.
 """
 from __future__ import annotations
@@ -20,23 +21,24 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `examples.gendd` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from examples.gendd.pipeline import RunConfig, rescale, run_distill, run_tiny  # noqa: E402
-from examples.common.cli import comma_list, example_parser  # noqa: E402
+from examples.common.cli import add_run_options, comma_list, example_parser, run_seeds  # noqa: E402
+from examples.gendd.pipeline import RunConfig, StopRun, rescale, run_distill  # noqa: E402
 from examples.gendd.presets import PRESETS  # noqa: E402
+from examples.gendd.tiny import run_tiny  # noqa: E402
 
 SMOKE = dict(epochs=1, steps_per_epoch=2, eval_steps=3, eval_samples=1, eval_batches=1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = example_parser(__doc__, PRESETS, "gendd")
+    add_run_options(parser)  # --seed/--seeds (tiny: one table column per seed), --mixed-precision (the
+    # backbones autocast; the diffusion loss always runs in fp32), --max-steps, --resume
     parser.add_argument("--data-root", help="CIFAR-100 root (with cifar-100-python/) or ImageNet root (train/, val/)")
     parser.add_argument("--teacher-ckpt", help="local teacher checkpoint (required for CIFAR/ImageNet presets)")
-    parser.add_argument("--stage1-ckpt", help="a finished stage-1 checkpoint (<out>/checkpoints/stage1.pt) to start "
-                                              "stage 2 from when stage 1 is not run")
+    parser.add_argument("--from-checkpoint", help="a checkpoint of an earlier run (<out>/checkpoints or one of its "
+                                                  "step-* folders): the stages it finished that this run does not "
+                                                  "run (stage1 before stage 2, stage2 before the probe) come from it")
     parser.add_argument("--stages", help="comma list of stage1,stage2,probe (default: the preset's)")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", help="tiny preset: comma list of seeds to run (the table reports each and mean/std)")
     parser.add_argument("--methods", default="ce,kd,gendd", help="tiny preset: students to train (ce, kd, gendd)")
     parser.add_argument("--epochs", type=int, help="stage-2 epochs (tiny: every stage); warmup/milestones rescale")
     parser.add_argument("--stage1-epochs", type=int)
@@ -50,13 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-samples", type=int, help="n_s: generated samples averaged per image")
     parser.add_argument("--eval-cfg", type=float, help="classifier-free guidance scale of the evaluation")
     parser.add_argument("--val-every", type=int, help="sampling validation every k epochs")
-    parser.add_argument("--max-steps", type=int, help="stop each stage after this many optimizer steps")
     parser.add_argument("--steps-per-epoch", type=int, help="cap the batches of an epoch")
     parser.add_argument("--eval-batches", type=int, help="evaluate on this many test batches only")
     parser.add_argument("--data-limit", type=int, help="use the first N training / test samples only")
     parser.add_argument("--num-workers", type=int)
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
-                        help="autocast of the backbones (the diffusion loss always runs in fp32)")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is visible")
     parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                         help="deterministic kernels (default: on for CPU runs, off on GPU). The head's gathers "
@@ -91,16 +90,16 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     if preset.teacher_stage is not None:
         changes["teacher_stage"] = rescale(preset.teacher_stage, args.epochs)
     preset = preset.with_overrides(**changes)
-    seeds = comma_list(args.seeds, int) if args.seeds else (args.seed,)
+    seeds = run_seeds(args)
     stages = comma_list(args.stages) if args.stages else preset.stages
     unknown = set(stages) - {"stage1", "stage2", "probe"}
     if unknown:
         raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)} (stage1, stage2, probe)")
     return RunConfig(preset=preset, out=args.out or Path("runs/gendd") / preset.name, seeds=seeds, stages=stages,
-                     data_root=args.data_root, teacher_ckpt=args.teacher_ckpt, stage1_ckpt=args.stage1_ckpt,
+                     data_root=args.data_root, teacher_ckpt=args.teacher_ckpt, from_checkpoint=args.from_checkpoint,
                      resume=args.resume, max_steps=args.max_steps, steps_per_epoch=args.steps_per_epoch,
                      eval_batches=args.eval_batches, data_limit=args.data_limit, quiet=args.quiet,
-                     methods=comma_list(args.methods))
+                     methods=comma_list(args.methods), mixed_precision=args.mixed_precision)
 
 
 def configure_determinism(enabled: bool, cuda: bool) -> None:
@@ -131,6 +130,10 @@ def main(argv=None):
         if rc.preset.dataset == "digits":
             return run_tiny(rc, accelerator)
         return run_distill(rc, accelerator)
+    except StopRun:
+        accelerator.print(f"--max-steps {rc.max_steps}: stopped after the checkpoint at step {rc.max_steps}; "
+                          f"--resume continues the run")
+        return None
     except FileNotFoundError as e:  # missing data or checkpoints: a message, not a traceback
         raise SystemExit(f"error: {e}") from e
 

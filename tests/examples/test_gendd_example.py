@@ -18,14 +18,15 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from examples.gendd import checkpoint, data, models, report  # noqa: E402
+from examples.common.runlog import read_csv  # noqa: E402
+from examples.gendd import data, models  # noqa: E402
 from examples.gendd.evaluate import GenDDLogits, evaluate_gendd  # noqa: E402
 from examples.gendd.models import TinyCNN  # noqa: E402
 from examples.gendd.optim import EpochLR, beta2_at, build_optimizer, named_ln, param_groups  # noqa: E402
 from examples.gendd.presets import CIFAR_STAGE2, IMAGENET_STAGE1, PRESETS, StageConfig, _imagenet_stage2  # noqa: E402
-from examples.gendd.stages import (GenDDModel, Stage1Model, build_gendd_loss, gendd_loss,  # noqa: E402
+from examples.gendd.method import (GenDDModel, Stage1Model, build_gendd_loss, gendd_loss,  # noqa: E402
                                    load_stage1_backbone, stage1_loss, teacher_outputs)
-from examples.gendd.trainer import RunOptions, Stage, run_stage  # noqa: E402
+from examples.gendd.pipeline import Run, RunConfig, Stage, StopRun, run_stage  # noqa: E402
 
 K = 10
 SMALL = PRESETS["tiny"].with_overrides(token_size=8, head_width=32, head_depth=2, batch_mul=2, eval_steps=3,
@@ -175,7 +176,7 @@ def test_lr_schedules():
 
 # ------------------------------------------------------------------------------------------- resume
 
-def _resume_run(ckpt_dir: Path, accelerator, stop_after=None, resume=False, init_seed=0):
+def _resume_run(out: Path, accelerator, max_steps=None, resume=False, init_seed=0):
     from accelerate.utils import set_seed
 
     set_seed(init_seed)
@@ -184,7 +185,8 @@ def _resume_run(ckpt_dir: Path, accelerator, stop_after=None, resume=False, init
     student = TinyCNN((4, 8), K)
     # R = 40: M = 16 x 2 x 40 = 1280 rows > 1000 timesteps, so the head gathers the time MLP and the
     # conditions (the index backward whose multi-threaded CPU kernel is racy without deterministic mode)
-    model = GenDDModel(student, build_gendd_loss(SMALL.with_overrides(batch_mul=40), student, teacher))
+    preset = SMALL.with_overrides(batch_mul=40)
+    model = GenDDModel(student, build_gendd_loss(preset, student, teacher))
     train, test = data.digits(limit=96)
     train_loader, test_loader = data.loaders(train, test, 16, seed=0)
     cfg = StageConfig(epochs=3, lr=2e-3, weight_decay=5e-2, schedule="step", warmup_epochs=1, milestones=(2,),
@@ -193,10 +195,14 @@ def _resume_run(ckpt_dir: Path, accelerator, stop_after=None, resume=False, init
     def evaluate(m, epoch, final):  # sampling evaluation in the loop must not disturb the training RNG
         return evaluate_gendd(m, teacher, test_loader, num_steps=3, cfg_scale=2.0, num_samples=1, max_batches=1)
 
-    stage = Stage("gendd", model, cfg, lambda m, b: gendd_loss(m, teacher, b), evaluate, train_loader)
-    state = run_stage(stage, accelerator, RunOptions(ckpt_dir=ckpt_dir, resume=resume, quiet=True,
-                                                     stop_after_epochs=stop_after))
-    return model, state
+    rc = RunConfig(preset=preset, out=out, resume=resume, max_steps=max_steps, quiet=True)
+    run = Run.start(rc, accelerator, "resume test")
+    stage = Stage("gendd", model, cfg, lambda m, b, g: gendd_loss(m, teacher, b, g), evaluate, train_loader)
+    try:
+        run_stage(run, stage)
+    except StopRun:
+        pass
+    return model, run
 
 
 @pytest.fixture
@@ -213,28 +219,29 @@ def two_deterministic_threads():
 
 
 def test_resume_is_bit_identical(tmp_path, accelerator, two_deterministic_threads):
-    straight, state_a = _resume_run(tmp_path / "a", accelerator)
-    _, partial = _resume_run(tmp_path / "b", accelerator, stop_after=2)
-    assert partial.epoch == 2 and not partial.done
+    straight, run_a = _resume_run(tmp_path / "a", accelerator)
+    _, partial = _resume_run(tmp_path / "b", accelerator, max_steps=12)  # 6 steps per epoch: stop after epoch 2
+    assert partial.step == 12 and "gendd" not in partial.products and len(partial.log.rows) == 2
     torch.manual_seed(1234)  # a different RNG state and initialisation before resuming: the checkpoint wins
-    resumed, state_b = _resume_run(tmp_path / "b", accelerator, resume=True, init_seed=7)
-    assert state_a.done and state_b.done and state_a.step == state_b.step == 18
+    resumed, run_b = _resume_run(tmp_path / "b", accelerator, resume=True, init_seed=7)
+    assert "gendd" in run_a.products and "gendd" in run_b.products and run_a.step == run_b.step == 18
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
-    ckpt_a = torch.load(tmp_path / "a" / "gendd.pt", weights_only=False)
-    ckpt_b = torch.load(tmp_path / "b" / "gendd.pt", weights_only=False)
-    opt_a, opt_b = ckpt_a["optimizer"], ckpt_b["optimizer"]
+    opt_a, opt_b = (torch.load(tmp_path / d / "checkpoints" / "step-00000018" / "gendd" / "optimizer.bin",
+                               weights_only=False) for d in ("a", "b"))
     assert opt_a["param_groups"] == opt_b["param_groups"]
     assert opt_a["state"].keys() == opt_b["state"].keys() and opt_a["state"]
     for i in opt_a["state"]:
         for key, value in opt_a["state"][i].items():
             assert torch.equal(value, opt_b["state"][i][key]), (i, key)
-    assert ckpt_a["scheduler"] == ckpt_b["scheduler"]
+    sched_a, sched_b = (torch.load(tmp_path / d / "checkpoints" / "step-00000018" / "rng-rank0.pt",
+                                   weights_only=False)["rank_state"]["scheduler"] for d in ("a", "b"))
+    assert sched_a == sched_b
     # beta2 after the last of 18 steps: the end of the ramp
     assert opt_a["param_groups"][0]["betas"][1] == pytest.approx(beta2_at(17, 17, 0.95, 0.999))
-    strip = [{k: v for k, v in r.items() if k != "epoch_s"} for r in state_a.rows]
-    assert strip == [{k: v for k, v in r.items() if k != "epoch_s"} for r in state_b.rows]
-    assert checkpoint.exists(tmp_path / "b", "gendd")
+    strip = [{k: v for k, v in r.items() if k != "epoch_s"} for r in run_a.log.rows]
+    assert strip == [{k: v for k, v in r.items() if k != "epoch_s"} for r in run_b.log.rows]
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step-00000018"
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -277,7 +284,7 @@ def test_tiny_preset_smoke(tmp_path):
     results = main(["--preset", "tiny", "--smoke", "--quiet", "--out", str(out)])
     for name in ("results.json", "results.md", "log.csv", "curves.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    rows = report.read_csv(out / "log.csv")
+    rows = read_csv(out / "log.csv")
     assert {r["stage"] for r in rows} == {"teacher", "ce", "kd", "gendd", "gendd_probe"}
     gendd = [r for r in rows if r["stage"] == "gendd"][-1]
     assert all(isinstance(gendd[k], float) for k in ("loss", "mse", "vb", "ce", "lr", "beta2", "acc_sample",
@@ -294,7 +301,7 @@ def test_tiny_preset_smoke(tmp_path):
 def test_distill_pipeline_stages_on_stand_in_data(tmp_path, monkeypatch, accelerator):
     """run_distill (the CIFAR/ImageNet path) end to end: stage 1 -> stage 2 -> probe, with small CNNs and
     random 3x8x8 images standing in for the zoo models and the dataset; then stage 2 alone from the
-    stage-1 checkpoint (--stage1-ckpt)."""
+    stage-1 run's checkpoint (--from-checkpoint)."""
     from examples.gendd import pipeline
 
     monkeypatch.setattr(models, "load", lambda name, path, k: TinyCNN((8, 16), k, in_channels=3))
@@ -314,10 +321,10 @@ def test_distill_pipeline_stages_on_stand_in_data(tmp_path, monkeypatch, acceler
                             teacher_ckpt=str(teacher_ckpt), quiet=True)
     results = pipeline.run_distill(rc, accelerator)
     assert {"teacher_acc", "stage1_acc", "gendd_acc_sample", "gendd_acc_probe", "probe_acc"} <= set(results)
-    assert {r["stage"] for r in report.read_csv(out / "log.csv")} == {"stage1", "stage2", "probe"}
+    assert {r["stage"] for r in read_csv(out / "log.csv")} == {"stage1", "stage2", "probe"}
     assert (out / "curves.png").is_file() and (out / "head" / "config.json").is_file()
     rc2 = pipeline.RunConfig(preset=preset, out=tmp_path / "from_stage1", stages=("stage2",),
-                             teacher_ckpt=str(teacher_ckpt), stage1_ckpt=str(out / "checkpoints" / "stage1.pt"),
+                             teacher_ckpt=str(teacher_ckpt), from_checkpoint=str(out / "checkpoints"),
                              quiet=True)
     assert "gendd_acc_sample" in pipeline.run_distill(rc2, accelerator)
 

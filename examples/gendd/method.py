@@ -1,4 +1,5 @@
-"""What is trained in each stage, and its loss on one batch.
+"""GenDD's method: what is trained in each stage and its loss on one batch (pure: no I/O, no RNG of its own;
+the random choices of a GenDD step come from the generator the caller passes).
 
 * stage 1 (optional): the student backbone + Linear(D_S -> D_T) feeding the frozen teacher classifier, CE.
 * stage 2 (GenDD): the teacher is frozen in eval(); f_T its pooled feature, f_S the student's. Loss =
@@ -7,13 +8,13 @@
 * probe (optional third stage): a fresh student.fc on frozen features, CE.
 * ``ce`` / ``kd``: the baselines of the tiny comparison (plain cross-entropy; Hinton KD).
 
-Each ``*_loss`` takes the (possibly DDP-wrapped) trainable module, the frozen teacher where needed and a
-batch, and returns ``(loss, metrics)``; the metrics are detached scalars for the log.
+Each ``*_loss`` takes the (possibly DDP-wrapped) trainable module, the frozen teacher where needed, a batch and
+the step's generator, and returns ``(loss, metrics)``; the metrics are detached scalars for the log.
 """
 from __future__ import annotations
 
 import copy
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ class Stage1Model(nn.Module):
         return self.teacher_fc(self.proj(models.features(self.student, x)))
 
 
-def stage1_loss(model: nn.Module, batch) -> Tuple[torch.Tensor, Metrics]:
+def stage1_loss(model: nn.Module, batch, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Metrics]:
     x, y = batch
     logits = model(x)
     ce = F.cross_entropy(logits, y)
@@ -93,11 +94,12 @@ class GenDDModel(nn.Module):
         self.student = student
         self.gendd = gendd
 
-    def forward(self, x: torch.Tensor, teacher_features: torch.Tensor, labels: torch.Tensor):
+    def forward(self, x: torch.Tensor, teacher_features: torch.Tensor, labels: torch.Tensor,
+                generator: Optional[torch.Generator] = None):
         f_s = models.features(self.student, x)
         probe_logits = models.classifier(self.student)(f_s.detach())  # CE trains the linear head only
         with torch.autocast(device_type=x.device.type, enabled=False):  # the diffusion loss runs in fp32
-            out = self.gendd(f_s.float(), teacher_features.float(), labels)
+            out = self.gendd(f_s.float(), teacher_features.float(), labels, generator=generator)
         return out, probe_logits
 
 
@@ -108,10 +110,13 @@ def teacher_outputs(teacher: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, 
         return f_t, models.classifier(teacher)(f_t)
 
 
-def gendd_loss(model: nn.Module, teacher: nn.Module, batch) -> Tuple[torch.Tensor, Metrics]:
+def gendd_loss(model: nn.Module, teacher: nn.Module, batch,
+               generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Metrics]:
+    """Stage 2: the diffusion loss (timesteps, noise, CFG-drop mask and mixup drawn from ``generator``, else
+    from the global generators) plus the CE of the student's fc on the detached feature."""
     x, y = batch
     f_t, _ = teacher_outputs(teacher, x)
-    out, logits = model(x, f_t, y)
+    out, logits = model(x, f_t, y, generator=generator)
     ce = F.cross_entropy(logits.float(), y)
     loss = out.loss + ce
     return loss, {"loss": loss.detach(), "diff": out.loss.detach(), "mse": out.mse, "vb": out.vb, "ce": ce.detach(),
@@ -145,7 +150,7 @@ class ProbeModel(nn.Module):
         return models.classifier(self.student)(f)
 
 
-def ce_loss(model: nn.Module, batch) -> Tuple[torch.Tensor, Metrics]:
+def ce_loss(model: nn.Module, batch, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Metrics]:
     """Plain cross-entropy (the teacher, the CE baseline and the probe stage)."""
     x, y = batch
     logits = model(x)
@@ -153,8 +158,8 @@ def ce_loss(model: nn.Module, batch) -> Tuple[torch.Tensor, Metrics]:
     return ce, {"loss": ce.detach(), "ce": ce.detach(), "train_acc": _acc(logits, y)}
 
 
-def kd_loss(model: nn.Module, teacher: nn.Module, batch, temperature: float = 4.0,
-            alpha: float = 0.9) -> Tuple[torch.Tensor, Metrics]:
+def kd_loss(model: nn.Module, teacher: nn.Module, batch, generator: Optional[torch.Generator] = None,
+            temperature: float = 4.0, alpha: float = 0.9) -> Tuple[torch.Tensor, Metrics]:
     """Hinton KD: alpha T^2 KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) CE (RepDistiller: T 4, alpha 0.9)."""
     x, y = batch
     _, t_logits = teacher_outputs(teacher, x)
