@@ -33,16 +33,7 @@ SMALL = PRESETS["tiny"].with_overrides(token_size=8, head_width=32, head_depth=2
                                        eval_samples=1)  # teacher D_T = 16 -> N = 2 tokens of 8
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _restore_determinism():
-    """train.main() switches deterministic algorithms on for CPU runs: do not leak that to other tests."""
-    before = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.use_deterministic_algorithms(before, warn_only=warn_only)
+pytestmark = pytest.mark.usefixtures("one_thread", "restore_determinism")
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ ARGS = ["--preset", "tiny", "--smoke", "--epochs", "2", "--probe-epochs", "2", "
 TOTAL_STEPS = 12  # teacher 4, gendd 4, probe 4
 TIMING = {"epoch_s"}
 
-
-@pytest.fixture(autouse=True)
-def _restore_determinism():
-    before = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.use_deterministic_algorithms(before, warn_only=warn_only)
+pytestmark = pytest.mark.usefixtures("restore_determinism")
 
 
 def train(out: Path, *extra: str):

@@ -1,0 +1,11 @@
+import pytest
+import torch
+
+
+@pytest.fixture
+def restore_determinism():
+    """The GenDD CLI switches deterministic algorithms on for CPU runs: do not leak that to other tests."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=warn_only)
