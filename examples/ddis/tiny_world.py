@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddg_models import PromptEncoder, VAECodec
+from ddg_models import PromptEncoder
 
+from ..common import tiny_latent_diffusion
 from ..common.digits import DIGIT_NAMES, digits_split
 from ..common.tiny_text import build_word_tokenizer, tiny_text_encoder
 
@@ -132,55 +133,38 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(1) == y).float().mean()) * 100.0
 
 
-def train_vae(vae, x: torch.Tensor, steps: int, batch_size: int, generator: torch.Generator, kl_weight=1e-4):
-    """Reconstruction (L1 + MSE) + a small KL; afterwards ``scaling_factor`` = 1 / std of the latents, the
-    way Stable Diffusion's 0.18215 was chosen."""
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    vae.train()
-    for _ in range(steps):
-        xb = x[torch.randint(0, len(x), (batch_size,), generator=generator)] * 2 - 1
-        rec, post = VAECodec(vae).reconstruct(xb, generator=generator)
-        loss = F.l1_loss(rec, xb) + F.mse_loss(rec, xb) + kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    vae.eval()
-    with torch.no_grad():
-        std = vae.encode(x[:512] * 2 - 1).latent_dist.mean.std()
-    vae.register_to_config(scaling_factor=float(1.0 / std))
-    return vae
+def train_vae(vae, x: torch.Tensor, steps: int, batch_size: int, generator: torch.Generator, kl_weight=1e-4,
+              quiet: bool = False):
+    """Reconstruction (L1 + MSE) + a small KL on ``x`` in [0, 1]; afterwards ``scaling_factor`` = 1 / std of the
+    latents, the way Stable Diffusion's 0.18215 was chosen (examples/common/tiny_latent_diffusion.py)."""
+    return tiny_latent_diffusion.train_vae(vae, x * 2 - 1, steps, batch_size, generator, lr=2e-3,
+                                           kl_weight=kl_weight, l1_weight=1.0, desc="tiny world VAE",
+                                           quiet=quiet)
 
 
 def train_unet(unet, vae, text_encoder, tokenizer, x: torch.Tensor, y: torch.Tensor, scheduler, steps: int,
-               batch_size: int, cond_drop_prob: float, generator: torch.Generator):
+               batch_size: int, cond_drop_prob: float, generator: torch.Generator, quiet: bool = False):
     """Epsilon-prediction training on VAE latents, prompt "a {class name}" or "a {filler word} {class name}",
-    dropped to "" with ``cond_drop_prob`` (what classifier-free guidance needs)."""
+    dropped to "" with ``cond_drop_prob`` (what classifier-free guidance needs); the text encoder trains along
+    (examples/common/tiny_latent_diffusion.py)."""
     with torch.no_grad():
         latents = vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor
         variants = [""] + [w + " " for w in FILLER_WORDS]
         prompts = [f"a {v}{n}" for n in DIGIT_NAMES for v in variants] + [""]
         encoder = PromptEncoder.clip(tokenizer, text_encoder)
         ids = encoder.token_ids(prompts)
-    opt = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=2e-3, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    unet.train(), text_encoder.train()
-    T = scheduler.config.num_train_timesteps
-    for _ in range(steps):
-        idx = torch.randint(0, len(y), (batch_size,), generator=generator)
-        z0 = latents[idx]
-        prompt = y[idx] * len(variants) + torch.randint(0, len(variants), (batch_size,), generator=generator)
-        prompt = torch.where(torch.rand(batch_size, generator=generator) < cond_drop_prob, len(prompts) - 1, prompt)
-        noise = torch.randn(z0.shape, generator=generator)
-        t = torch.randint(0, T, (batch_size,), generator=generator)
-        zt = scheduler.add_noise(z0, noise, t)
-        pred = unet(zt, t, **encoder.encode_ids(ids[prompt])).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    unet.eval(), text_encoder.eval()
+
+    def condition(idx: torch.Tensor):
+        prompt = y[idx] * len(variants) + torch.randint(0, len(variants), (len(idx),), generator=generator)
+        prompt = torch.where(torch.rand(len(idx), generator=generator) < cond_drop_prob, len(prompts) - 1, prompt)
+        return encoder.encode_ids(ids[prompt])
+
+    text_encoder.train()
+    unet = tiny_latent_diffusion.train_text_unet(
+        unet, latents, scheduler, steps, batch_size, generator, condition, lr=2e-3, weight_decay=1e-2,
+        extra_params=text_encoder.parameters(), one_cycle_pct_start=0.1, clip_grad_norm=1.0,
+        desc="tiny world UNet", quiet=quiet)
+    text_encoder.eval()
     return unet, text_encoder
 
 
