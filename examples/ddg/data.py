@@ -1,7 +1,9 @@
 """DomainBed data for DDG: environments, the 80/20 holdout per environment, one minibatch per source domain.
 
-Batches are drawn with replacement (DomainBed's InfiniteDataLoader) from a generator seeded by
-(trial seed, environment, process, step), so a resumed run draws exactly the batches an uninterrupted one would.
+Batches are drawn with replacement (DomainBed's InfiniteDataLoader) from a generator seeded by (trial seed,
+environment, step) on the rank's own stream (examples/common/seeding.py), so a resumed run draws exactly the
+batches an uninterrupted one would and every process draws its own. The total batch is split evenly over the
+processes, or refused (``per_process_batch``).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..common.domainbed import domainbed_environments, holdout_split, seed_hash
 from ..common.rotated_digits import rotated_digits
+from ..common.seeding import rank_seed
 from .presets import DOMAIN_PROMPTS, Preset
 
 
@@ -87,7 +90,7 @@ def load_environments(p: Preset, data_dir: Optional[str], trial_seed: int) -> En
             splits.append(Split(name, part_in, part_in, TensorImages(x[out_idx], y[out_idx])))
         return Environments(names, list(DIGIT_NAMES), [f"a {n} photo" for n in names], splits)
     if not data_dir:
-        raise FileNotFoundError(f"--data-dir is required for {p.dataset} (DomainBed folder layout)")
+        raise FileNotFoundError(f"--data-root is required for {p.dataset} (DomainBed folder layout)")
     names, folders = domainbed_environments(data_dir, p.dataset)
     train_tf, eval_tf = _transforms(p)
     splits = []
@@ -97,6 +100,19 @@ def load_environments(p: Preset, data_dir: Optional[str], trial_seed: int) -> En
                             TransformedSubset(folder, in_idx, eval_tf), TransformedSubset(folder, out_idx, eval_tf)))
     prompts = DOMAIN_PROMPTS.get(p.dataset, {})
     return Environments(names, folders[0].classes, [prompts.get(n, f"a {n} image") for n in names], splits)
+
+
+def per_process_batch(total: int, num_processes: int, flag: str = "--batch-per-domain") -> int:
+    """Each process' share of a total batch. A total the processes cannot share equally is refused rather than
+    rounded: DDP averages the processes' gradients with equal weight, so unequal shares would weight some images
+    more than others, and a floor would silently train on fewer images than configured."""
+    if not isinstance(total, int) or total < 1:
+        raise ValueError(f"per_process_batch: 'total' must be a positive int, got {total!r}")
+    if total % num_processes:
+        lower, upper = total - total % num_processes, total + num_processes - total % num_processes
+        raise SystemExit(f"{flag} {total} is not divisible by the {num_processes} processes: use a multiple of "
+                         f"{num_processes} ({', '.join(str(v) for v in (lower, upper) if v > 0)})")
+    return total // num_processes
 
 
 def step_indices(n: int, batch: int, seed: int) -> torch.Tensor:
@@ -128,7 +144,7 @@ class SourceBatches:
         self.iters = []
         for d in self.domains:
             data = envs.splits[d].train_in
-            sampler = StepBatchSampler(len(data), batch, seed_hash(seed, d, rank), start)
+            sampler = StepBatchSampler(len(data), batch, rank_seed(seed_hash(seed, d), rank), start)
             if isinstance(data, TensorImages):  # in memory: index directly, no loader overhead
                 self.iters.append(((data.x[idx], data.y[idx]) for idx in map(torch.tensor, sampler)))
             else:
@@ -146,5 +162,8 @@ class SourceBatches:
 
 
 def eval_loader(data: Dataset, batch: int, num_workers: int) -> DataLoader:
-    return DataLoader(data, batch_size=batch, shuffle=False, num_workers=num_workers)
+    """In order; its own generator, so that evaluating never draws from the training streams (an iterator draws
+    a base seed when it starts)."""
+    return DataLoader(data, batch_size=batch, shuffle=False, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(0))
 

@@ -1,4 +1,5 @@
-"""Hyperparameters of the DDG runs (docs/methods/ddg.md §3), one ``Preset`` per dataset, and ``tiny`` (CPU).
+"""Hyperparameters of the DDG runs (docs/methods/ddg.md §3), one ``Preset`` per dataset, ``tiny`` (the CPU
+experiment) and ``smoke`` (the PACS path on generated fixtures, smoke.py).
 
 The DomainBed presets follow the DDG README flags (``--stage1_steps 5000 --swadstart_steps 5000 --steps 8000
 --lmd 0.5``) and VL2V/DomainBed defaults (Adam lr 5e-5, wd 0, 32 images per source domain, 20% holdout,
@@ -31,12 +32,14 @@ DOMAIN_PROMPTS: Dict[str, Dict[str, str]] = {
 class Preset:
     name: str
     dataset: str                             # a DomainBed dataset name or 'RotatedDigits'
-    backbone: str = "clip_vit"               # clip_vit (CLIP-initialised from --clip-dir) | resnet50 | vit_b16
+    backbone: str = "clip_vit"               # clip_vit (CLIP-initialised: --student-model, else --clip-model)
+    #                                          | resnet50 | vit_b16 (--backbone-weights)
     steps: int = 8000
     stage1_steps: int = 5000                 # Stage I for step < stage1_steps, Stage II after (DDG only)
     swad_start: int = 5000                   # SWAD averages and selects from this step on
     checkpoint_freq: int = 200               # evaluation, SWAD segment and checkpoint period
-    batch_per_domain: int = 32               # one minibatch per source domain per step (total over processes)
+    batch_per_domain: int = 32               # one minibatch per source domain per step (total over processes,
+    #                                          which must divide it)
     lr: float = 5e-5
     weight_decay: float = 0.0
     lmd: float = 0.5                         # alignment: weight of the CLIP-image term
@@ -46,7 +49,8 @@ class Preset:
     negative: str = "domain"                 # CFG negative: 'empty' prompt or each sample's 'domain' prompt
     conditioning: str = "prompts"            # prompts (A) | patches (B) | both (A + B)
     sd_resolution: int = 256                 # SD input size (Diffusion-TTA/DIVA: 512)
-    diffusion_batch: int = 8                 # images per source domain in L_diff (0: the whole minibatch)
+    diffusion_batch: int = 8                 # images per source domain in L_diff, total over processes (0: the
+    #                                          whole minibatch)
     timesteps_per_image: int = 1
     sd_gradient_checkpointing: bool = False  # recompute UNet activations in backward (memory for B x 512^2)
     ce_weight: float = 0.0                   # CE on source labels added to the training loss (0: not in DDG)
@@ -84,12 +88,20 @@ def _domainbed(name: str, dataset: str, **kw) -> Preset:
     return Preset(name=name, dataset=dataset, **kw)
 
 
+# The PACS path cut to seconds: 4 steps per run (Stage I -> II at 2), a checkpoint every 2 steps, one held-out
+# domain, 112-pixel inputs, SD input 64 (an 8x8 latent), 2 images per domain in L_diff; a batch of 4 per domain
+# splits over 1, 2 or 4 processes. No loader workers: the augmentation then draws from the checkpointed streams.
+SMOKE_CUTS = dict(steps=4, stage1_steps=2, swad_start=1, checkpoint_freq=2, batch_per_domain=4, diffusion_batch=2,
+                  sd_resolution=64, image_size=112, test_batch=32, n_converge=1, n_tolerance=2, num_workers=0,
+                  test_envs=(3,))
+
 PRESETS: Dict[str, Preset] = {
     "pacs": _domainbed("pacs", "PACS"),
     "vlcs": _domainbed("vlcs", "VLCS"),
     "officehome": _domainbed("officehome", "OfficeHome"),
     "terrainc": _domainbed("terrainc", "TerraIncognita"),
     "domainnet": _domainbed("domainnet", "DomainNet", checkpoint_freq=1000, test_batch=64),
+    "smoke": _domainbed("smoke", "PACS", **SMOKE_CUTS),
     # CPU: RotatedDigits (sklearn digits, 16x16, six angles), tiny CLIP + tiny SD trained on the sources.
     "tiny": Preset(name="tiny", dataset="RotatedDigits", backbone="clip_vit", steps=240, stage1_steps=60,
                    swad_start=60, checkpoint_freq=20, batch_per_domain=24, lr=3e-4, beta=1.0, guidance_scale=2.0,

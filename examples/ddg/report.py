@@ -1,8 +1,7 @@
-"""Outputs a user can read: per-run log.csv, the results table (Markdown + JSON) per test domain and method
+"""Outputs a user can read: the results table (Markdown + JSON) per test domain and method
 (mean +- std over trial seeds, then the average over test domains), a bar chart and image grids (PNG)."""
 from __future__ import annotations
 
-import csv
 import statistics
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -14,17 +13,6 @@ from ..common.tables import markdown_table
 COLUMNS = ("selected_acc", "swad_acc", "last_acc")
 LABELS = {"selected_acc": "", "swad_acc": " + SWAD", "last_acc": " (last)"}
 METHOD_NAMES = {"erm": "ERM", "align": "VL2V align", "ddg": "DDG", "zeroshot": "CLIP zero-shot"}
-
-
-def write_csv(path: Path, rows: Sequence[Dict]) -> None:
-    keys: List[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, restval="")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()})
 
 
 def _cell(values: List[float]):
