@@ -1,5 +1,5 @@
 """examples/ddg: DomainBed splits (determinism, layouts), per-domain batches, the stage switch's trainable sets,
-exact resume, and the tiny preset end to end (smoke)."""
+the tiny preset end to end on a few steps (outputs, checkpoints without teachers, exports that reload)."""
 from __future__ import annotations
 
 import hashlib
@@ -21,11 +21,13 @@ from examples.common.domainbed import (domainbed_environments, holdout_split, se
                                        source_environments)
 from examples.common.rotated_digits import rotated_digits  # noqa: E402
 from examples.ddg import train  # noqa: E402
-from examples.ddg.data import SourceBatches, StepBatchSampler, load_environments  # noqa: E402
-from examples.ddg.pipeline import RunConfig, teacher_sources  # noqa: E402
+from examples.ddg.data import SourceBatches, StepBatchSampler, load_environments, per_process_batch  # noqa: E402
+from examples.ddg.export import load_student  # noqa: E402
+from examples.ddg.method import build_module, trainable  # noqa: E402
+from examples.ddg.pipeline import evaluate  # noqa: E402
 from examples.ddg.presets import PRESETS  # noqa: E402
 from examples.ddg.teachers import load_teachers  # noqa: E402
-from examples.ddg.trainer import Run, RunSpec, build_module, trainable  # noqa: E402
+from examples.ddg.tiny import teacher_sources  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = PRESETS["tiny"]
@@ -101,15 +103,29 @@ def test_step_batches_resume_exactly_and_come_one_block_per_domain():
     envs = load_environments(TINY, None, 0)
     x, y, d = next(SourceBatches(envs, [1, 3, 4], batch=5, seed=0, start=0, rank=0, num_workers=0))
     assert x.shape == (15, 1, 16, 16) and d.tolist() == [1] * 5 + [3] * 5 + [4] * 5
+    x1, _, _ = next(SourceBatches(envs, [1, 3, 4], batch=5, seed=0, start=0, rank=1, num_workers=0))
+    assert not torch.equal(x, x1)  # every process draws its own minibatches
+
+
+def test_per_process_batch_divides_or_refuses():
+    assert per_process_batch(32, 4) == 8 and per_process_batch(5, 1) == 5
+    with pytest.raises(SystemExit, match="--batch-per-domain 32 is not divisible by the 3 processes.*30, 33"):
+        per_process_batch(32, 3)
+    with pytest.raises(ValueError, match="per_process_batch: 'total'"):
+        per_process_batch(0, 1)
 
 
 # -------------------------------------------------------------------------------------- training pieces
 
+SHORT = ["--preset", "tiny", "--quiet", "--test-envs", "0", "--methods", "erm,ddg", "--steps", "4",
+         "--stage1-steps", "2", "--swad-start", "1", "--checkpoint-freq", "1", "--teacher-steps", "3,3,3",
+         "--batch-per-domain", "4", "--n-converge", "1", "--n-tolerance", "2"]
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddg_smoke")
-    summary = train.main(["--preset", "tiny", "--smoke", "--out", str(out), "--quiet", "--test-envs", "0",
-                          "--methods", "erm,ddg", "--batch-per-domain", "4"])
+    out = tmp_path_factory.mktemp("ddg_short")
+    summary = train.main([*SHORT, "--out", str(out)])
     return out, summary
 
 
@@ -122,99 +138,64 @@ def tiny_setup(smoke_run):
     return envs, teachers
 
 
-def test_smoke_writes_table_logs_images_and_resumes(smoke_run):
+def test_short_run_writes_table_logs_images_and_exports(smoke_run):
+    from safetensors.torch import load_file
+
     out, summary = smoke_run
     assert summary["header"][:3] == ["test domain", "CLIP zero-shot", "ERM"]
     assert [r[0] for r in summary["table"]] == ["rot0", "avg"]
-    results = json.loads((out / "results.json").read_text())["results"]
-    assert {r["method"] for r in results} == {"zeroshot", "erm", "ddg"}
-    ddg = next(r for r in results if r["method"] == "ddg")
-    assert ddg["steps"] == 6 and 0 <= ddg["selected_acc"] <= 100 and "swad_acc" in ddg
+    results = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in results["results"]} == {"zeroshot", "erm", "ddg"}
+    ddg = next(r for r in results["results"] if r["method"] == "ddg")
+    assert ddg["steps"] == 4 and 0 <= ddg["selected_acc"] <= 100 and "swad_acc" in ddg
+    assert results["metrics"]["rot0_seed0_ddg/selected_acc"] == ddg["selected_acc"]
+    assert set(results["metrics"]) == {f"rot0_seed0_{m}/{c}" for m in ("erm", "ddg")
+                                       for c in ("selected_acc", "swad_acc", "last_acc")} | {"rot0_seed0_zeroshot/acc"}
     assert "| rot0 |" in (out / "results.md").read_text()
-    for png in ("results.png", "domains.png"):
+    for png in ("results.png", "domains.png", "curves.png"):
         assert (out / png).stat().st_size > 0
     assert any((out / "teachers").glob("*/samples.png"))
-    log = (out / "runs" / "rot0_seed0_ddg" / "log.csv").read_text().splitlines()
-    assert "diff" in log[0] and len(log) == 7  # header + one row per step (checkpoint_freq 1)
-    ckpt = torch.load(out / "runs" / "rot0_seed0_ddg" / "checkpoint.pt", map_location="cpu", weights_only=False)
-    keys = list(ckpt["module"]) + [k for seg in ckpt["swad"]["segments"] for k in seg["state"]]
+    rows = json.loads((out / "log.json").read_text())
+    ddg_rows = [r for r in rows if r["run"] == "rot0_seed0_ddg"]
+    assert [r["run_step"] for r in ddg_rows] == [1, 2, 3, 4] and "diff" in ddg_rows[-1] and "diff" not in ddg_rows[0]
+    assert [r["stage"] for r in ddg_rows] == ["stage1", "stage1", "stage2", "stage2"]
+    # checkpoints hold the student and its adapter, never the frozen teachers
+    last = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    keys = [k for f in last.glob("*/model*.safetensors") for k in load_file(str(f))]
     assert keys and not any(part in k for k in keys for part in ("unet", "vae", "text_encoder", "prompt_embeddings"))
-    again = train.main(["--preset", "tiny", "--smoke", "--out", str(out), "--quiet", "--test-envs", "0",
-                        "--methods", "erm,ddg", "--batch-per-domain", "4", "--resume"])
-    assert again["table"] == summary["table"]
+    # the exported selected student reloads and reproduces its evaluation
+    envs = load_environments(TINY, None, 0)
+    student = load_student(out / "export" / "rot0_seed0_ddg")
+    from examples.ddg.data import eval_loader
+
+    acc = evaluate(student, {"test": eval_loader(envs.splits[0].eval_in, 512, 0)}, "cpu")["test_acc"]
+    assert acc == ddg["selected_acc"]
 
 
 def test_stage_switch_trainable_sets(tiny_setup):
     envs, teachers = tiny_setup
-    module = build_module(TINY.with_overrides(conditioning="both"), teachers, None, "ddg")
-    s = module.student
+    p = TINY.with_overrides(conditioning="both")
+
+    def module(preset, method):
+        from ddg_models import CLIPVisionBackbone
+
+        return build_module(preset, CLIPVisionBackbone.from_pretrained(teachers.clip_dir), teachers.class_text,
+                            teachers.logit_scale, teachers.sd_class_prompts, teachers.sd.context_shape, method)
+
+    m = module(p, "ddg")
+    s = m.student
     ids = lambda params: {id(q) for q in params}  # noqa: E731
-    assert ids(trainable(module, "ddg", 1, TINY)) == ids(s.projection.parameters())
-    stage2 = ids(trainable(module, "ddg", 2, TINY.with_overrides(conditioning="both")))
-    assert stage2 == ids(s.backbone.parameters()) | ids(module.conditioning.patches.parameters())
+    assert ids(trainable(m, "ddg", 1, p)) == ids(s.projection.parameters())
+    stage2 = ids(trainable(m, "ddg", 2, p))
+    assert stage2 == ids(s.backbone.parameters()) | ids(m.conditioning.patches.parameters())
     assert not s.projection.weight.requires_grad
-    assert ids(trainable(module, "erm", 1, TINY)) == ids(s.backbone.parameters()) | ids(s.projection.parameters())
-
-
-def test_resume_is_exact(tiny_setup, tmp_path):
-    from accelerate import Accelerator
-
-    envs, teachers = tiny_setup
-    p = TINY.with_overrides(steps=4, stage1_steps=2, swad_start=1, checkpoint_freq=1, batch_per_domain=3,
-                            n_converge=1, n_tolerance=1)
-    acc = Accelerator(cpu=True)
-    sources = source_environments(len(envs.names), [0])
-
-    def run(directory, max_steps):
-        return Run(p, RunSpec("ddg", 0, 0, sources, directory), envs, teachers, acc, max_steps=max_steps, quiet=True)
-
-    straight = run(tmp_path / "a", 4)
-    straight.train()
-    run(tmp_path / "b", 3).train()
-    resumed = run(tmp_path / "b", 4)
-    resumed.train()
-    for (k, v), (_, w) in zip(straight.module.state_dict().items(), resumed.module.state_dict().items()):
-        torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)
-    assert straight.rows[-1]["loss"] == resumed.rows[-1]["loss"]
-
-
-def test_domainbed_preset_runs_from_local_folders(tmp_path):
-    """The real-data path (ImageFolder layout, augmentation, CLIP renormalisation, domain prompts, folders of
-    weights) on a fake PACS and tiny CLIP / SD folders."""
-    from PIL import Image
-    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
-
-    from examples.common.tiny_text import build_word_tokenizer, tiny_text_encoder
-    from tests.modules.test_sd_teacher import tiny_teacher
-
-    words = ["a", "an", "photo", "of", "dog", "horse", "art", "painting", "cartoon", "sketch"]
-    for env in ("art_painting", "cartoon", "photo", "sketch"):
-        for cls in ("dog", "horse"):
-            folder = tmp_path / "data" / "PACS" / env / cls
-            folder.mkdir(parents=True)
-            for i in range(5):
-                Image.new("RGB", (20, 24), color=(40 * i, 100, 30)).save(folder / f"{i}.png")
-    tok = build_word_tokenizer(words, tmp_path / "tok", max_length=8)
-    text = tiny_text_encoder(tok, hidden_size=16, layers=1, projection_dim=8)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=32, patch_size=8, num_channels=3, projection_dim=8)
-    CLIPModel(CLIPConfig(text_config=text.config.to_dict(), vision_config=vision.to_dict(),
-                         projection_dim=8)).save_pretrained(tmp_path / "clip")
-    tok.save_pretrained(tmp_path / "clip")
-    tiny_teacher(tmp_path, words).save_pretrained(tmp_path / "sd")
-    out = tmp_path / "out"
-    summary = train.main(["--preset", "pacs", "--data-dir", str(tmp_path / "data"),
-                          "--clip-dir", str(tmp_path / "clip"), "--sd-dir", str(tmp_path / "sd"), "--out", str(out),
-                          "--quiet", "--test-envs", "3",
-                          "--steps", "3", "--stage1-steps", "1", "--swad-start", "1", "--checkpoint-freq", "1",
-                          "--batch-per-domain", "2", "--image-size", "32", "--sd-resolution", "16",
-                          "--num-workers", "0", "--n-converge", "1", "--n-tolerance", "1", "--conditioning", "both"])
-    assert [r[0] for r in summary["table"]] == ["sketch", "avg"]
-    ddg = next(r for r in summary["results"] if r["method"] == "ddg")
-    assert ddg["steps"] == 3 and "swad_acc" in ddg
-    with pytest.raises(SystemExit, match="--sd-dir"):
-        train.main(["--preset", "pacs", "--data-dir", str(tmp_path / "data"), "--clip-dir", str(tmp_path / "clip"),
-                    "--sd-dir", str(tmp_path / "missing"), "--out", str(out), "--quiet"])
+    assert ids(trainable(m, "erm", 1, p)) == ids(s.backbone.parameters()) | ids(s.projection.parameters())
+    # without the diffusion term (beta 0) nothing of the adapter is built or trained: DDP would wait for it
+    no_diff = p.with_overrides(beta=0.0)
+    m0 = module(no_diff, "ddg")
+    assert m0.conditioning is None
+    assert ids(trainable(m0, "ddg", 2, no_diff)) == ids(m0.student.backbone.parameters())
+    assert module(TINY, "ddg").conditioning.patches is None  # conditioning A alone: no patch adapter
 
 
 def test_cfg_negatives_per_domain_or_empty(tiny_setup):
@@ -230,7 +211,19 @@ def test_cfg_negatives_per_domain_or_empty(tiny_setup):
 
 
 def test_teacher_domains_never_include_a_test_domain():
-    rc = RunConfig(preset=TINY, out=Path("."), methods=("ddg",), trial_seeds=(0,))
-    assert teacher_sources(rc, 6, [0, 5], 0) == [1, 2, 3, 4]
-    per_run = RunConfig(preset=TINY, out=Path("."), methods=("ddg",), trial_seeds=(0,), teachers_per_run=True)
-    assert teacher_sources(per_run, 6, [0, 5], 5) == [0, 1, 2, 3, 4]
+    assert teacher_sources(False, 6, [0, 5], 0) == [1, 2, 3, 4]
+    assert teacher_sources(True, 6, [0, 5], 5) == [0, 1, 2, 3, 4]
+
+
+def test_cli_vocabulary():
+    args = train.parse_args(["--preset", "pacs", "--data-root", "/d", "--clip-model", "/c", "--pretrained-model",
+                             "/s", "--seeds", "0,1,2", "--mixed-precision", "bf16", "--max-steps", "5"])
+    rc = train.build_config(args)
+    assert (rc.data_root, rc.clip_model, rc.pretrained_model) == ("/d", "/c", "/s")
+    assert rc.seeds == (0, 1, 2) and rc.mixed_precision == "bf16" and rc.max_steps == 5
+    assert train.build_config(train.parse_args(["--preset", "pacs", "--seed", "3"])).seeds == (3,)
+    assert train.build_config(train.parse_args(["--preset", "pacs"])).seeds == PRESETS["pacs"].trial_seeds
+    for old in ("--data-dir", "--sd-dir", "--clip-dir", "--trial-seeds", "--smoke"):
+        with pytest.raises(SystemExit):
+            train.parse_args([old, "x"] if old != "--smoke" else [old])
+    assert "smoke" in PRESETS and PRESETS["smoke"].dataset == PRESETS["pacs"].dataset
