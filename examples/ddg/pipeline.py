@@ -286,6 +286,9 @@ def resolve_paths(rc: RunConfig, accelerator) -> Paths:
 
 def run_all(rc: RunConfig, accelerator) -> Dict:
     p = rc.preset
+    per_process_batch(p.batch_per_domain, accelerator.num_processes)  # refused before anything is loaded
+    if p.diffusion_batch > 0 and "ddg" in rc.methods:
+        per_process_batch(p.diffusion_batch, accelerator.num_processes, "--diffusion-batch")
     Path(rc.out).mkdir(parents=True, exist_ok=True)
     paths = resolve_paths(rc, accelerator)
     run = Run.start(rc, accelerator)
@@ -425,7 +428,9 @@ def run_stage(run: Run, combo: Combination, key: str, name: str, number: int, fi
 
     def save():
         checkpoint.save(run.ckpt_root, acc, stage=key, step=run.step, settings=rc.settings(),
-                        state={"rows": run.log.rows, "products": run.products, "position": selection.position()},
+                        state={"rows": run.log.rows, "products": run.products,
+                               # a finished stage resumes from its product, which holds the same position
+                               "position": None if key in run.products else selection.position()},
                         generators={"noise": generator}, rank_state={"sums": sums}, keep=rc.keep_checkpoints)
 
     try:

@@ -88,12 +88,13 @@ def _domainbed(name: str, dataset: str, **kw) -> Preset:
     return Preset(name=name, dataset=dataset, **kw)
 
 
-# The PACS path cut to seconds: 4 steps per run (Stage I -> II at 2), a checkpoint every 2 steps, one held-out
-# domain, 112-pixel inputs, SD input 64 (an 8x8 latent), 2 images per domain in L_diff; a batch of 4 per domain
-# splits over 1, 2 or 4 processes. No loader workers: the augmentation then draws from the checkpointed streams.
+# The PACS path cut to seconds: DDG only (ERM is its one-stage subset), 4 steps (Stage I -> II at 2), a checkpoint
+# every 2 steps, one held-out domain, 112-pixel inputs (a multiple of both CLIP patch sizes), SD input 16 (the
+# smoke VAE's 8x8 latent), 2 images per domain in L_diff; a batch of 4 per domain splits over 1, 2 or 4 processes.
+# No loader workers: the augmentation then draws from the checkpointed streams.
 SMOKE_CUTS = dict(steps=4, stage1_steps=2, swad_start=1, checkpoint_freq=2, batch_per_domain=4, diffusion_batch=2,
-                  sd_resolution=64, image_size=112, test_batch=32, n_converge=1, n_tolerance=2, num_workers=0,
-                  test_envs=(3,))
+                  sd_resolution=16, image_size=112, test_batch=32, n_converge=1, n_tolerance=2, num_workers=0,
+                  test_envs=(3,), methods=("ddg",))
 
 PRESETS: Dict[str, Preset] = {
     "pacs": _domainbed("pacs", "PACS"),

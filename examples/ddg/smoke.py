@@ -8,7 +8,8 @@ weights and data have, so the smoke run loads them through the same code as a Do
   the teacher (examples/common/paper_configs/clip.py; one layer per tower, images of ``IMAGE_SIZE``);
 * ``clip-vit-base-patch16/``: the same for CLIP ViT-B/16, the student backbone;
 * ``stable-diffusion-v1-4/``: a diffusers folder (unet/ vae/ scheduler/ text_encoder/ tokenizer/) of SD v1.4
-  (examples/common/paper_configs/sd_v1_4.py: two UNet levels, one layer per block, one text-encoder layer).
+  (examples/common/paper_configs/sd_v1_4.py: two UNet and two VAE levels, one layer per block, one
+  text-encoder layer).
 
 Tokenizers are word-level CLIPTokenizers over the prompts' words (examples/common/tiny_text.py): the real
 classes with a small vocabulary; the text encoders keep CLIP's widths and heads.
@@ -33,7 +34,7 @@ SEED = 0
 IMAGE_SIZE = 112            # a multiple of both patch sizes (14, 16); CLIP's 224 costs 4x the tokens
 IMAGES_PER_CLASS = 3
 PACS_CLASSES = ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")
-VERSION = 1                 # bump when the fixtures change: older asset folders are rebuilt
+VERSION = 2                 # bump when the fixtures change: older asset folders are rebuilt
 
 
 def asset_paths(root: Path) -> Dict[str, Path]:

@@ -38,9 +38,22 @@ def evaluate_calls(out: Path, rank: int) -> int:
     return json.loads((out / f"evaluate-calls-rank{rank}.json").read_text())["evaluate"]
 
 
-def test_evaluation_runs_on_the_main_process_only(tmp_path):
-    out = tmp_path / "run"
-    proc = two_ranks(*TINY, "--methods", "erm", "--batch-per-domain", "4", "--out", str(out))
+@pytest.fixture(scope="module")
+def adapter_unused_run(tmp_path_factory):
+    """DDG with conditioning B and beta 0: the patch-token adapter never receives a gradient in Stage II."""
+    out = tmp_path_factory.mktemp("ddg_two_ranks") / "run"
+    proc = two_ranks(*TINY, "--methods", "ddg", "--conditioning", "patches", "--beta", "0",
+                     "--batch-per-domain", "4", "--out", str(out))
+    return out, proc
+
+
+def test_unused_patch_adapter_is_accepted_by_ddp(adapter_unused_run):
+    _, proc = adapter_unused_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_evaluation_runs_on_the_main_process_only(adapter_unused_run):
+    out, proc = adapter_unused_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert evaluate_calls(out, 0) > 0
     assert evaluate_calls(out, 1) == 0, "rank 1 evaluated: evaluation must run once, on the main process"
@@ -51,11 +64,3 @@ def test_batch_not_divisible_by_the_processes_is_refused(tmp_path):
     proc = two_ranks(*TINY, "--methods", "erm", "--batch-per-domain", "5", "--out", str(out))
     assert proc.returncode != 0, "5 images per domain on 2 processes ran (each process silently took 2)"
     assert "--batch-per-domain 5 is not divisible by the 2 processes" in proc.stdout + proc.stderr
-
-
-def test_unused_patch_adapter_is_accepted_by_ddp(tmp_path):
-    """Conditioning B with beta 0: the patch-token adapter never receives a gradient in Stage II."""
-    out = tmp_path / "run"
-    proc = two_ranks(*TINY, "--methods", "ddg", "--conditioning", "patches", "--beta", "0",
-                     "--batch-per-domain", "4", "--out", str(out))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
