@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 for _module in ("accelerate", "sklearn", "diffusers", "transformers", "torchvision"):
     pytest.importorskip(_module)
@@ -18,18 +19,42 @@ if str(ROOT) not in sys.path:
 from examples.ddg import train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY = ["--preset", "tiny", "--quiet", "--test-envs", "0", "--methods", "ddg", "--steps", "4",
+TINY = ["--preset", "tiny", "--quiet", "--test-envs", "0", "--steps", "4",
         "--stage1-steps", "2", "--swad-start", "1", "--checkpoint-freq", "1", "--teacher-steps", "3,3,3",
         "--batch-per-domain", "4", "--n-converge", "1", "--n-tolerance", "2"]
 
 
 def test_resume_from_the_stage_switch_checkpoint(tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    train.main([*TINY, "--out", str(straight)])
-    train.main([*TINY, "--out", str(stopped), "--max-steps", "2"])  # step 2 = the last Stage-I step
+    argv = [*TINY, "--methods", "ddg"]
+    train.main([*argv, "--out", str(straight)])
+    train.main([*argv, "--out", str(stopped), "--max-steps", "2"])  # step 2 = the last Stage-I step
     for done in stopped.rglob("result.json"):  # a run killed right after that checkpoint has no result yet
         done.unlink()
-    train.main([*TINY, "--out", str(stopped), "--resume"])
+    train.main([*argv, "--out", str(stopped), "--resume"])
     a = json.loads((straight / "results.json").read_text())
     b = json.loads((stopped / "results.json").read_text())
     assert a["metrics"] == b["metrics"]
+
+
+@pytest.mark.slow
+def test_resume_after_every_checkpoint_of_two_runs(tmp_path):
+    """ERM then DDG (8 optimizer steps, a checkpoint after each): stopped after every one and resumed, the run
+    ends with the uninterrupted run's metrics and exported students, bit for bit (fp32, one process)."""
+    from safetensors.torch import load_file
+
+    argv = [*TINY, "--methods", "erm,ddg"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train.main([*argv, "--out", str(straight)])
+    for step in range(1, 8):
+        train.main([*argv, "--out", str(stopped), "--max-steps", str(step), *(["--resume"] if step > 1 else [])])
+        assert (stopped / "checkpoints" / "latest").read_text().strip() == f"step-{step:08d}"
+    train.main([*argv, "--out", str(stopped), "--resume"])
+    a = json.loads((straight / "results.json").read_text())
+    b = json.loads((stopped / "results.json").read_text())
+    assert a["metrics"] == b["metrics"]
+    files = sorted(p.relative_to(straight) for p in (straight / "export").rglob("*.safetensors"))
+    assert len(files) == 2
+    for f in files:
+        x, y = load_file(str(straight / f)), load_file(str(stopped / f))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f
