@@ -407,7 +407,7 @@ def run_stage(run: Run, combo: Combination, key: str, name: str, number: int, fi
     optimizer = torch.optim.Adam(trainable(module, combo.method, number, p), lr=p.lr, weight_decay=p.weight_decay)
     model, optimizer = acc.prepare(module, optimizer)
     stage_seed = seed_hash(combo.seed, combo.test_env, combo.method, name)
-    generator = rank_generator(stage_seed, acc.process_index)  # diffusion timesteps, noise, patch tokens
+    generator = rank_generator(stage_seed, acc.process_index, acc.device)  # diffusion timesteps, noise, patches
     ckpt = run.resume_from
     if ckpt is not None and ckpt.stage != key:
         raise RuntimeError(f"--resume: the checkpoint {ckpt.path} is of stage {ckpt.stage!r}, but stage {key!r} "
