@@ -382,7 +382,7 @@ def train_combination(run: Run, combo: Combination, teachers: Teachers, paths: P
         if selection.swad.history:
             res["swad_acc"] = evaluator.test_accuracy(selection.swad.final_model().to(acc.device))
             res["swad_converged"] = selection.swad.converged
-            res["swad_segments"] = [h for h in selection.swad.history if h["used"]]
+            res["swad_segments"] = [h for h in selection.swad.final_history() if h["used"]]
         selected = copy.deepcopy(module.student)
         selected.load_state_dict(selection.best_state)
         export_student(Path(rc.out) / "export" / combo.key, selected, p.backbone, combo.envs.class_names,
@@ -458,7 +458,7 @@ def run_stage(run: Run, combo: Combination, key: str, name: str, number: int, fi
                 sums, start = {"sums": {}, "count": 0}, time.perf_counter()
             if selection.step == end:
                 run.products[key] = {"module": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
-                                     "selection": selection.position()}
+                                     "selection": copy.deepcopy(selection.position())}  # SWAD goes on
             stop = rc.max_steps is not None and run.step >= rc.max_steps
             if at_eval or stop:
                 save()
