@@ -64,3 +64,21 @@ def test_batch_not_divisible_by_the_processes_is_refused(tmp_path):
     proc = two_ranks(*TINY, "--methods", "erm", "--batch-per-domain", "5", "--out", str(out))
     assert proc.returncode != 0, "5 images per domain on 2 processes ran (each process silently took 2)"
     assert "--batch-per-domain 5 is not divisible by the 2 processes" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("DDG_CONFORMANCE") != "all",
+                    reason="about 2 min: runs with the whole conformance matrix (DDG_CONFORMANCE=all)")
+def test_two_process_resume_inside_the_stages(tmp_path):
+    """The smoke case with a checkpoint after every step, on two processes: stops inside Stage I and Stage II
+    (each rank's loss sums, streams and minibatch position restored) give the uninterrupted run, bit for bit."""
+    import dataclasses
+
+    from tests.examples.conformance import Cell, assert_same, run_resumed, run_straight
+    from tests.examples.conformance_ddg import CASE
+
+    case = dataclasses.replace(CASE, name="ddg-every-step", argv=[*CASE.argv, "--checkpoint-freq", "1"], check=None)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_straight(case, Cell("no", 2, "straight"), straight)
+    assert run_resumed(case, Cell("no", 2, "resumed"), resumed, straight) == [1, 2, 3, 4]
+    assert_same(case, Cell("no", 2, "resumed"), straight, resumed)
