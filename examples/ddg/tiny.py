@@ -72,7 +72,8 @@ def _train_clip(clip, class_ids, x, y, steps: int, g: torch.Generator, quiet: bo
 def train_tiny_teachers(p: Preset, envs: Environments, sources: Sequence[int], directory: Path, seed: int,
                         quiet: bool = False) -> dict:
     """Train (or reuse, when ``directory`` holds them) the tiny CLIP and SD teachers on ``sources``; returns
-    the CLIP's final training loss (the VAE and UNet trainers show theirs in their progress bars). Writes ``directory/clip`` and ``directory/sd``."""
+    the CLIP's final training loss (the VAE and UNet trainers show theirs in their progress bars). Writes
+    ``directory/clip`` and ``directory/sd``."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPVisionConfig
 
