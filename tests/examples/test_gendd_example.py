@@ -1,5 +1,5 @@
 """examples/gendd: one training step of stage 1 and stage 2 (gradient routing), the beta2 ramp, LR schedules,
-weight-decay groups, exact resume, the evaluation path and the tiny preset end to end (smoke)."""
+weight-decay groups, exact resume, the evaluation path and a short run of the tiny preset end to end."""
 from __future__ import annotations
 
 import json
@@ -179,12 +179,13 @@ def _resume_run(out: Path, accelerator, max_steps=None, resume=False, init_seed=
     preset = SMALL.with_overrides(batch_mul=40)
     model = GenDDModel(student, build_gendd_loss(preset, student, teacher))
     train, test = data.digits(limit=96)
-    train_loader, test_loader = data.loaders(train, test, 16, seed=0)
+    train_loader = data.train_loader(train, 16, seed=0)
     cfg = StageConfig(epochs=3, lr=2e-3, weight_decay=5e-2, schedule="step", warmup_epochs=1, milestones=(2,),
                       beta2_min=0.95)
 
     def evaluate(m, epoch, final):  # sampling evaluation in the loop must not disturb the training RNG
-        return evaluate_gendd(m, teacher, test_loader, num_steps=3, cfg_scale=2.0, num_samples=1, max_batches=1)
+        return evaluate_gendd(m, teacher.fc, test, num_steps=3, cfg_scale=2.0, num_samples=1, batch_size=16,
+                              max_batches=1)
 
     rc = RunConfig(preset=preset, out=out, resume=resume, max_steps=max_steps, quiet=True)
     run = Run.start(rc, accelerator, "resume test")
@@ -253,10 +254,42 @@ def test_evaluation_outputs(accelerator):
     assert torch.equal(skipped.timestep_map, full.timestep_map[:-1]) and int(full.timestep_map.max()) == 999
     assert torch.allclose(skipped.alphas_cumprod, full.alphas_cumprod[:-1])
     _, test = data.digits(limit=12)
-    loader = torch.utils.data.DataLoader(test, batch_size=6)
-    acc = evaluate_gendd(model, teacher, loader, num_steps=3, cfg_scale=2.0, num_samples=1, max_batches=1)
+    acc = evaluate_gendd(model, teacher.fc, test, num_steps=3, cfg_scale=2.0, num_samples=1, batch_size=6,
+                         max_batches=1)
     assert set(acc) == {"acc_probe", "acc_sample", "acc_sample_skip"}
     assert all(0.0 <= v <= 100.0 for v in acc.values())
+    # the sampling noise of a chunk is seeded by (seed, chunk): the same numbers again, another seed differs
+    fn = GenDDLogits(model, teacher.fc, num_steps=3, cfg_scale=2.0, num_samples=2, seed=0)
+    assert torch.equal(fn(x, 3)["acc_sample"], fn(x, 3)["acc_sample"])
+    assert not torch.equal(fn(x, 3)["acc_sample"], fn(x, 4)["acc_sample"])
+
+
+def test_evaluation_does_not_depend_on_the_process_count():
+    """Rank r of w evaluates chunks r, r + w, ...: the per-rank counts of two ranks sum to one process'."""
+    from examples.gendd.evaluate import accuracies
+
+    teacher, student, model = stage2_model()
+    model.eval()
+    _, test = data.digits(limit=40)  # chunks of 7, the last one shorter
+    fn = GenDDLogits(model, teacher.fc, num_steps=3, cfg_scale=2.0, num_samples=1, seed=5)
+
+    class Rank:  # what accuracies reads of an accelerator; the sum over ranks is done below
+        def __init__(self, r):
+            self.process_index, self.num_processes, self.is_local_main_process = r, 2, r == 0
+
+        def reduce(self, t, op):
+            return t
+
+        device = torch.device("cpu")
+
+    one = accuracies(fn, fn.names, test, 7, torch.device("cpu"))
+    halves = [accuracies(fn, fn.names, test, 7, torch.device("cpu"), Rank(r)) for r in (0, 1)]
+    from examples.common.sharded_eval import rank_chunks
+    assert len(test) % 7 and [rank_chunks(test, 7, r, 2)[0] for r in (0, 1)] == [[0, 2, 4], [1, 3, 5]]
+    sizes = [sum(len(b) for b in rank_chunks(test, 7, r, 2)[1].batch_sampler) for r in (0, 1)]
+    assert sum(sizes) == len(test)
+    for name in fn.names:
+        assert one[name] * len(test) == pytest.approx(sum(h[name] * n for h, n in zip(halves, sizes))), name
 
 
 def test_missing_dataset_message(tmp_path):
@@ -268,11 +301,16 @@ def test_missing_dataset_message(tmp_path):
 
 # ------------------------------------------------------------------------------------------- tiny preset
 
-def test_tiny_preset_smoke(tmp_path):
+TINY_SHORT = ["--preset", "tiny", "--epochs", "1", "--probe-epochs", "1", "--steps-per-epoch", "2", "--eval-steps",
+              "3", "--eval-samples", "1", "--eval-batches", "1", "--quiet"]
+
+
+def test_tiny_preset_short_run(tmp_path):
+    from examples.gendd.export import evaluate_export, load_gendd
     from examples.gendd.train import main
 
     out = tmp_path / "tiny"
-    results = main(["--preset", "tiny", "--smoke", "--quiet", "--out", str(out)])
+    results = main(TINY_SHORT + ["--out", str(out)])
     for name in ("results.json", "results.md", "log.csv", "curves.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = read_csv(out / "log.csv")
@@ -284,8 +322,14 @@ def test_tiny_preset_smoke(tmp_path):
     assert "KD" in table and "sampling" in table and "linear probe" in table
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["per_seed"]["0"]) >= {"teacher", "ce", "kd", "gendd_sample", "gendd_probe"}
+    assert saved["metrics"]["seed0_gendd_sample"] == saved["per_seed"]["0"]["gendd_sample"]
+    assert all(isinstance(v, float) for v in saved["metrics"].values())
+    # the exported GenDD student (its fc from the probe stage) reproduces the run's last evaluation
+    exported = load_gendd(out / "export" / "seed0")
+    assert exported.info["measured"]["acc_probe"] == saved["per_seed"]["0"]["gendd_probe_stage"]
+    assert evaluate_export(exported, data.digits()[1]) == exported.info["measured"]
     # resuming a finished run retrains nothing and reports the same accuracies
-    again = main(["--preset", "tiny", "--smoke", "--quiet", "--out", str(out), "--resume"])
+    again = main(TINY_SHORT + ["--out", str(out), "--resume"])
     assert again["per_seed"] == results["per_seed"]
 
 
@@ -311,13 +355,14 @@ def test_distill_pipeline_stages_on_stand_in_data(tmp_path, monkeypatch, acceler
     rc = pipeline.RunConfig(preset=preset, out=out, stages=("stage1", "stage2", "probe"),
                             teacher_ckpt=str(teacher_ckpt), quiet=True)
     results = pipeline.run_distill(rc, accelerator)
-    assert {"teacher_acc", "stage1_acc", "gendd_acc_sample", "gendd_acc_probe", "probe_acc"} <= set(results)
+    assert {"teacher_acc", "stage1_acc", "stage2_acc_sample", "stage2_acc_probe", "probe_acc_probe"} <= set(
+        results["metrics"])
     assert {r["stage"] for r in read_csv(out / "log.csv")} == {"stage1", "stage2", "probe"}
-    assert (out / "curves.png").is_file() and (out / "head" / "config.json").is_file()
+    assert (out / "curves.png").is_file() and (out / "export" / "head" / "config.json").is_file()
     rc2 = pipeline.RunConfig(preset=preset, out=tmp_path / "from_stage1", stages=("stage2",),
                              teacher_ckpt=str(teacher_ckpt), from_checkpoint=str(out / "checkpoints"),
                              quiet=True)
-    assert "gendd_acc_sample" in pipeline.run_distill(rc2, accelerator)
+    assert "stage2_acc_sample" in pipeline.run_distill(rc2, accelerator)["metrics"]
 
 
 def replace_cfg(cfg, **changes):
@@ -345,6 +390,6 @@ def test_distill_pipeline_with_zoo_classifiers(tmp_path, monkeypatch, accelerato
         probe=replace_cfg(PRESETS["tiny"].probe, epochs=1))
     rc = pipeline.RunConfig(preset=preset, out=tmp_path / "zoo", stages=("stage1", "stage2", "probe"),
                             teacher_ckpt=str(path), steps_per_epoch=1, eval_batches=1, quiet=True)
-    results = pipeline.run_distill(rc, accelerator)
-    assert all(isinstance(results[k], float) for k in ("teacher_acc", "stage1_acc", "gendd_acc_sample",
-                                                       "gendd_acc_probe", "probe_acc"))
+    metrics = pipeline.run_distill(rc, accelerator)["metrics"]
+    assert all(isinstance(metrics[k], float) for k in ("teacher_acc", "stage1_acc", "stage2_acc_sample",
+                                                       "stage2_acc_probe", "probe_acc_probe"))

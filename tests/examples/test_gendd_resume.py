@@ -1,4 +1,4 @@
-"""GenDD's tiny smoke run (teacher, GenDD stage 2, linear-probe stage; 2 epochs of 2 steps each: 12 optimizer
+"""A short run of GenDD's tiny preset (teacher, GenDD stage 2, linear-probe stage; 2 epochs of 2 steps each: 12 optimizer
 steps, a checkpoint after every epoch) stopped with --max-steps and resumed: in fp32 on one process the resumed
 run ends bit-identical to the uninterrupted one (weights of every stage, log rows, results), wherever it
 stopped: at an epoch end, at a stage boundary (the next stage's optimizer starts fresh) or inside an epoch.
@@ -23,7 +23,8 @@ if str(ROOT) not in sys.path:
 
 from examples.common import checkpoint  # noqa: E402
 
-ARGS = ["--preset", "tiny", "--smoke", "--epochs", "2", "--probe-epochs", "2", "--methods", "gendd", "--quiet"]
+ARGS = ["--preset", "tiny", "--epochs", "2", "--probe-epochs", "2", "--steps-per-epoch", "2", "--eval-steps", "3",
+        "--eval-samples", "1", "--eval-batches", "1", "--methods", "gendd", "--quiet"]
 TOTAL_STEPS = 12  # teacher 4, gendd 4, probe 4
 TIMING = {"epoch_s"}
 
