@@ -393,3 +393,71 @@ def test_distill_pipeline_with_zoo_classifiers(tmp_path, monkeypatch, accelerato
     metrics = pipeline.run_distill(rc, accelerator)["metrics"]
     assert all(isinstance(metrics[k], float) for k in ("teacher_acc", "stage1_acc", "stage2_acc_sample",
                                                        "stage2_acc_probe", "probe_acc_probe"))
+
+
+# ------------------------------------------------------------------------------------------- smoke presets
+
+def test_smoke_fixtures_are_the_real_layouts(tmp_path):
+    """The smoke presets' files are what a user's real data and teachers look like on disk, read by the
+    loaders a real run uses; they are the same bytes every time and reused once complete."""
+    import pickle
+
+    from torchvision import datasets
+    from torchvision.models import resnet34
+
+    from ddg_models.classifiers import load_classifier
+    from examples.gendd import smoke
+
+    cifar_root, cifar_teacher = smoke.build("smoke_cifar", tmp_path / "a")
+    pickles = Path(cifar_root) / "cifar-100-python"
+    entry = pickle.load(open(pickles / "train", "rb"), encoding="latin1")
+    assert entry["data"].dtype.name == "uint8" and entry["data"].shape == (64, 3072)
+    assert {"fine_labels", "coarse_labels", "filenames", "batch_label"} <= set(entry)
+    with pytest.raises(RuntimeError, match="corrupted"):  # torchvision's stock reader wants the archive's md5
+        datasets.CIFAR100(cifar_root, train=True, download=False)
+    train, test = data.cifar100(cifar_root)
+    assert len(train) == 64 and len(test) == 32 and len(train.classes) == 100
+    assert train[0][0].shape == (3, 32, 32) and max(train.targets) < PRESETS["smoke_cifar"].num_classes
+    saved = torch.load(cifar_teacher, weights_only=True)  # RepDistiller's ckpt_epoch_240.pth format
+    assert set(saved) == {"epoch", "model", "accuracy", "optimizer"} and saved["epoch"] == 240
+    assert load_classifier("resnet56", cifar_teacher).fc.out_features == PRESETS["smoke_cifar"].num_classes
+
+    image_root, image_teacher = smoke.build("smoke", tmp_path / "a")
+    train, test = data.imagenet(image_root, image_size=PRESETS["smoke"].image_size)
+    assert train.classes == list(smoke.IMAGENET_WNIDS) and len(train) == 32 and len(test) == 16
+    assert test[0][0].shape == (3, 32, 32) and Path(train.samples[0][0]).suffix == ".JPEG"
+    state = torch.load(image_teacher, weights_only=True)  # a plain state dict, as torchvision's weight files
+    resnet34(num_classes=PRESETS["smoke"].num_classes).load_state_dict(state)
+    assert load_classifier("resnet34", image_teacher).fc.out_features == PRESETS["smoke"].num_classes
+
+    stamp = (pickles / "train").stat().st_mtime_ns
+    assert smoke.build("smoke_cifar", tmp_path / "a") == (cifar_root, cifar_teacher)
+    assert (pickles / "train").stat().st_mtime_ns == stamp  # reused, not rewritten
+    again, _ = smoke.build("smoke_cifar", tmp_path / "b")
+    for name in ("train", "test", "meta"):
+        assert (Path(again) / "cifar-100-python" / name).read_bytes() == (pickles / name).read_bytes()
+    other = torch.load(smoke.build("smoke", tmp_path / "b")[1], weights_only=True)
+    assert all(torch.equal(v, other[k]) for k, v in state.items())
+    with pytest.raises(ValueError, match="no fixtures for preset 'tiny'"):
+        smoke.build("tiny", tmp_path)
+
+
+def test_smoke_cifar_preset_run(tmp_path):
+    """--preset smoke_cifar: res56_res20's path (RepDistiller checkpoint, CIFAR-100 pickles, stage 1 and GenDD
+    stage 2); its export reloads and gives the run's last evaluation."""
+    from examples.gendd import smoke
+    from examples.gendd.export import evaluate_export, load_gendd
+    from examples.gendd.train import main
+
+    out = tmp_path / "cifar"
+    results = main(["--preset", "smoke_cifar", "--quiet", "--out", str(out)])
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert metrics == results["metrics"] and all(isinstance(v, float) for v in metrics.values())
+    assert {"teacher_acc", "stage1_acc", "stage2_acc_sample", "stage2_acc_sample_skip", "stage2_acc_probe",
+            "stage2_loss", "stage2_diff"} <= set(metrics)
+    assert [r["stage"] for r in read_csv(out / "log.csv")] == ["stage1", "stage2", "stage2"]
+    exported = load_gendd(out / "export")
+    assert exported.info["measured"] == {k: metrics[f"stage2_{k}"] for k in ("acc_sample", "acc_sample_skip",
+                                                                             "acc_probe")}
+    _, test = data.cifar100(smoke.build("smoke_cifar", out)[0])
+    assert evaluate_export(exported, test) == exported.info["measured"]
