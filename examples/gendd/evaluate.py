@@ -45,7 +45,7 @@ def accuracies(logits_fn: LogitsFn, names: Sequence[str], dataset, batch_size: i
     return {name: 100.0 * int(counts[i]) / total for i, name in enumerate(names)}
 
 
-CHUNK_SEED_STRIDE = 1_000_003  # (seed, chunk) -> seed * stride + chunk: distinct for every chunk of a test set
+CHUNK_SEED_STRIDE = 1_000_003  # (seed, chunk) -> seed + chunk * stride: distinct for seeds below the stride
 
 
 class GenDDLogits:
@@ -75,7 +75,7 @@ class GenDDLogits:
         out = {"acc_probe": models.classifier(student)(f_s)}
         if self.sample:
             gendd = self.model.gendd
-            self.generator.manual_seed(self.seed * CHUNK_SEED_STRIDE + chunk)
+            self.generator.manual_seed(self.seed + chunk * CHUNK_SEED_STRIDE)
             for name, skip in self.variants.items():
                 generated = gendd.sample(f_s.float(), num_samples=self.num_samples, cfg_scale=self.cfg_scale,
                                          num_steps=self.num_steps, generator=self.generator, skip_clipped_step=skip)
