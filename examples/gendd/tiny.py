@@ -6,9 +6,8 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from typing import Dict, Optional, Sequence
-
 from pathlib import Path
+from typing import Dict, Optional, Sequence
 
 from ..common.main_process import on_main
 from ..common.runlog import write_results
@@ -51,7 +50,8 @@ def run_tiny(rc: RunConfig, accelerator) -> Dict:
                                  classifier_eval(test, p, accelerator, rc.eval_batches, quiet=rc.quiet), train_loader,
                                  seed, extra, "teacher"))
         teacher = models.freeze(teacher).to(accelerator.device)
-        accs["teacher"] = classifier_eval(test, p, accelerator, rc.eval_batches, quiet=rc.quiet)(teacher, 0, True)["acc"]
+        accs["teacher"] = classifier_eval(test, p, accelerator, rc.eval_batches, quiet=rc.quiet)(
+            teacher, 0, True)["acc"]
 
         for method in rc.methods:
             seed_shared(seed + 1000)  # the same student initialisation for the three methods
