@@ -4,8 +4,10 @@
   per-iteration beta2 ramp, accelerate for devices / DDP / mixed precision, tqdm, one log row per epoch).
   A checkpoint (``examples.common.checkpoint``) is written after every epoch, and at ``--max-steps`` (a
   global optimizer-step count over all stages of the run), where the run then stops (``StopRun``).
-* ``run_distill`` (CIFAR-100 / ImageNet presets): frozen teacher from ``--teacher-ckpt``, stage 1, stage 2
-  (GenDD), optional linear probe; final sampling and probe accuracies. The tiny CPU experiment is ``tiny.py``.
+* ``run_distill`` (CIFAR-100 / ImageNet presets and their smoke cuts): frozen teacher from ``--teacher-ckpt``,
+  stage 1, stage 2 (GenDD), optional linear probe; ``results.json``'s ``metrics`` (final accuracies and losses
+  of every stage) and ``export/`` (``export.py``), written once by the main process. The tiny CPU experiment
+  is ``tiny.py``.
 
 Randomness: models are built from a seed shared by every rank; each stage then trains from the rank's own
 stream (``examples.common.seeding``): the global generators (augmentation) and a generator the stage owns for
