@@ -37,7 +37,7 @@ from .export import save_gendd
 from .method import (GenDDModel, ProbeModel, Stage1Model, build_gendd_loss, ce_loss, gendd_loss,
                      load_stage1_backbone, stage1_loss)
 from .optim import beta2_at, build_optimizer, build_scheduler, set_beta2
-from .presets import Preset, StageConfig, rescale  # noqa: F401  (rescale: train.py's import)
+from .presets import Preset, StageConfig
 
 LossFn = Callable[[nn.Module, object, torch.Generator], tuple]  # (prepared module, batch, generator) -> (loss, metrics)
 EvalFn = Callable[[nn.Module, int, bool], Dict[str, float]]      # (unwrapped module, epoch, final) -> metrics
@@ -360,7 +360,7 @@ def run_distill(rc: RunConfig, accelerator) -> Dict:
 
     seed_shared(seed + 1)
     student = models.build(p.student, p.num_classes)
-    m2 = None
+    m2 = prod2 = None
     if "stage2" in rc.stages:
         if stage1_state is not None:
             info = load_stage1_backbone(student, stage1_state)
@@ -371,6 +371,7 @@ def run_distill(rc: RunConfig, accelerator) -> Dict:
         prod = run_stage(run, Stage("stage2", m2, p.stage2, functools.partial(gendd_step, teacher=teacher),
                                     gendd_eval(p, teacher_fc, test_set, accelerator, rc.eval_batches, seed, rc.quiet),
                                     train_loader, seed + 1))
+        prod2 = prod
         metrics.update(final_row_metrics("stage2", prod["row"]))
 
     if "probe" in rc.stages and p.probe is not None:
@@ -390,8 +391,10 @@ def run_distill(rc: RunConfig, accelerator) -> Dict:
 
     run.finished()
     if m2 is not None:  # the final student (with the probe stage's fc when that ran), its condition and head
-        measured = {k: metrics[f"stage2_{k}"] for k in ("acc_sample", "acc_sample_skip", "acc_probe")
-                    if f"stage2_{k}" in metrics}
+        # stage 2's last evaluation (of this run, or of the earlier run the probe started from)
+        stage2_row = prod2["row"] if prod2 is not None else earlier["stage2"]["row"]
+        measured = {k: float(stage2_row[k]) for k in ("acc_sample", "acc_sample_skip", "acc_probe")
+                    if isinstance(stage2_row.get(k), (int, float))}
         if "probe_acc_probe" in metrics:
             measured["acc_probe"] = metrics["probe_acc_probe"]
         on_main(accelerator, lambda: save_gendd(Path(rc.out) / "export", m2, teacher_fc, student=p.student,

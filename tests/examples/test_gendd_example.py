@@ -363,6 +363,14 @@ def test_distill_pipeline_stages_on_stand_in_data(tmp_path, monkeypatch, acceler
                              teacher_ckpt=str(teacher_ckpt), from_checkpoint=str(out / "checkpoints"),
                              quiet=True)
     assert "stage2_acc_sample" in pipeline.run_distill(rc2, accelerator)["metrics"]
+    # the probe alone, on the student of the first run's stage 2: its export records that stage 2's evaluation
+    rc3 = pipeline.RunConfig(preset=preset, out=tmp_path / "probe_only", stages=("probe",),
+                             teacher_ckpt=str(teacher_ckpt), from_checkpoint=str(out / "checkpoints"), quiet=True)
+    probe_only = pipeline.run_distill(rc3, accelerator)["metrics"]
+    measured = json.loads((tmp_path / "probe_only" / "export" / "gendd.json").read_text())["measured"]
+    assert measured == {"acc_sample": results["metrics"]["stage2_acc_sample"],
+                        "acc_sample_skip": results["metrics"]["stage2_acc_sample_skip"],
+                        "acc_probe": probe_only["probe_acc_probe"]}
 
 
 def replace_cfg(cfg, **changes):
