@@ -469,3 +469,19 @@ def test_smoke_cifar_preset_run(tmp_path):
                                                                              "acc_probe")}
     _, test = data.cifar100(smoke.build("smoke_cifar", out)[0])
     assert evaluate_export(exported, test) == exported.info["measured"]
+
+
+@pytest.mark.parametrize("smoke, paper", [("smoke", "r34_r18"), ("smoke_cifar", "res56_res20")])
+def test_smoke_presets_are_the_paper_presets_cut(smoke, paper):
+    """Only the listed cuts differ from the paper preset: same models, dataset kind, stages, loss settings and
+    optimisers (the epochs shortened with the schedules' shapes rescaled)."""
+    from examples.gendd.presets import rescale
+
+    cut = {"name", "num_classes", "batch_size", "image_size", "eval_batch_size", "head_width", "eval_steps",
+           "eval_samples", "val_samples", "val_every", "num_workers", "stage1", "stage2", "probe"}
+    s, p = PRESETS[smoke].to_dict(), PRESETS[paper].to_dict()
+    assert {k for k in s if s[k] != p[k]} <= cut
+    assert {k: s[k] for k in s if k not in cut} == {k: p[k] for k in p if k not in cut}
+    for stage in ("stage1", "stage2", "probe"):
+        mine, theirs = getattr(PRESETS[smoke], stage), getattr(PRESETS[paper], stage)
+        assert mine.epochs < theirs.epochs and mine == rescale(theirs, mine.epochs)  # the optimiser, lr, wd, ...
