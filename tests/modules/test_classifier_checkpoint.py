@@ -28,3 +28,14 @@ def test_other_missing_keys_are_still_an_error(tmp_path):
     torch.save(state, tmp_path / "broken.pth")
     with pytest.raises(ValueError, match="missing keys: layer1.0.bn1.running_mean"):
         load_classifier("resnet18", tmp_path / "broken.pth")
+
+
+def test_loads_a_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", 4).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "student.safetensors"))
+    loaded = load_classifier("resnet18", tmp_path / "student.safetensors")
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
