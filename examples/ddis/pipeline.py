@@ -164,7 +164,7 @@ class TokenContext:
 
 def rounds_of(groups: List[List[int]], world: int) -> List[List[List[int]]]:
     """The groups dealt over ``world`` processes: round j holds groups j*world .. j*world + world - 1."""
-    return [[g] for g in groups]  # the main process trains every group; the others wait in the lockstep
+    return [groups[i:i + world] for i in range(0, len(groups), world)]
 
 
 def run_tokens(run: Run, ctx: TokenContext) -> Dict:
