@@ -44,13 +44,15 @@ def _rename_classifier(state: Dict[str, torch.Tensor], expected: Mapping[str, to
     return renamed
 
 
-def _fill_batch_counters(state: Dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _fill_batch_counters(state: Dict[str, torch.Tensor],
+                         expected: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Add the ``num_batches_tracked`` counters a file lacks (torchvision's older ResNet files: BatchNorm counts
     batches only since torch 0.4.1). The counter only matters for BatchNorm with ``momentum=None``; torch's own
     strict load fills it in the same way (with the module's current value)."""
     filled = dict(state)
     for k, v in expected.items():
-        if k.endswith("num_batches_tracked") and k not in filled and k[:-len("num_batches_tracked")] + "running_mean" in state:
+        bn = k[:-len("num_batches_tracked")]
+        if k.endswith("num_batches_tracked") and k not in filled and bn + "running_mean" in state:
             filled[k] = v.clone()
     return filled
 
@@ -72,12 +74,12 @@ def load_classifier(name: str, path: Union[str, Path], num_classes: Optional[int
                     map_location: Union[str, torch.device] = "cpu") -> nn.Module:
     """Build classifier ``name`` and load the weights saved at ``path``; returned in eval mode.
 
-    The file (``torch.save`` or ``.safetensors``) may hold a plain state_dict or a dict with it under 'model', 'state_dict' or 'net'
-    (RepDistiller's ``ckpt_epoch_240.pth``). A uniform 'module.' prefix is stripped and
-    RepDistiller's VGG 'classifier.*' keys map to 'fc.*'; BatchNorm counters ('num_batches_tracked') absent
-    from older torchvision files are filled in, as torch's strict load does. ``num_classes`` defaults to the number of
-    rows of the checkpoint's final layer. Any missing, unexpected or mis-shaped key is an error
-    that names them.
+    The file (``torch.save`` or ``.safetensors``) may hold a plain state_dict or a dict with it under
+    'model', 'state_dict' or 'net' (RepDistiller's ``ckpt_epoch_240.pth``). A uniform 'module.' prefix is
+    stripped and RepDistiller's VGG 'classifier.*' keys map to 'fc.*'; BatchNorm counters
+    ('num_batches_tracked') absent from older torchvision files are filled in, as torch's strict load does.
+    ``num_classes`` defaults to the number of rows of the checkpoint's final layer. Any missing, unexpected or
+    mis-shaped key is an error that names them.
     """
     path = Path(path)
     state = _strip_dataparallel(_unwrap(_read(path, map_location), path))

@@ -77,7 +77,8 @@ def cat_step(sampler, tokens, teacher: nn.Module, ce_preprocess: nn.Module, opti
         correct += int((logits.argmax(1).cpu() == chunk).sum())
     grad_norm = float(tokens.clip_grad_norm_(max_grad_norm))
     if not math.isfinite(total):
-        raise FloatingPointError(f"cat_step: non-finite cross-entropy {total} (classes {sorted(set(batch.labels.tolist()))})")
+        classes = sorted(set(batch.labels.tolist()))
+        raise FloatingPointError(f"cat_step: non-finite cross-entropy {total} (classes {classes})")
     optimizer.step()
     tokens.restore_frozen_rows()
     return {"loss": total, "accuracy": correct / n, "grad_norm": grad_norm}

@@ -37,7 +37,8 @@ def load_stable_diffusion(path, scheduler: str = "pndm", mixed_precision: str = 
     if missing:
         raise FileNotFoundError(f"{root} lacks the subfolders {missing} of a diffusers Stable Diffusion model")
     if mixed_precision not in HALF:
-        raise ValueError(f"load_stable_diffusion: 'mixed_precision' must be one of {sorted(HALF)}, got {mixed_precision!r}")
+        raise ValueError(f"load_stable_diffusion: 'mixed_precision' must be one of {sorted(HALF)}, got "
+                         f"{mixed_precision!r}")
     half = {} if HALF[mixed_precision] is None else {"torch_dtype": HALF[mixed_precision]}
     schedulers = {"pndm": PNDMScheduler, "ddim": DDIMScheduler}
     if scheduler not in schedulers:

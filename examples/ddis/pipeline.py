@@ -229,6 +229,8 @@ def run_tokens(run: Run, ctx: TokenContext) -> Dict:
                 mine["done"] = (m["accuracy"] >= preset.cat_threshold or mine["since_best"] >= preset.cat_patience
                                 or mine["epoch"] >= preset.cat_epochs)
                 stepped = 1
+                bar.set_postfix(classes=",".join(map(str, group)), epoch=mine["epoch"], loss=f"{m['loss']:.4f}",
+                                acc=f"{m['accuracy']:.2f}")
             flags = acc.reduce(torch.tensor([stepped, int(not mine["done"])], device=acc.device), "sum")
             if int(flags[0]):
                 run.step += 1

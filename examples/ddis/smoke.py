@@ -78,7 +78,8 @@ def _write_stable_diffusion(directory: Path, names) -> None:
     config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
     CLIPTextModel(CLIPTextConfig(**config)).save_pretrained(directory / "text_encoder")
-    UNet2DConditionModel(**sd_2_1_base.smoke_unet(levels=2, sample_size=LATENT_SIZE)).save_pretrained(directory / "unet")
+    unet = UNet2DConditionModel(**sd_2_1_base.smoke_unet(levels=2, sample_size=LATENT_SIZE))
+    unet.save_pretrained(directory / "unet")
     AutoencoderKL(**sd_2_1_base.smoke_vae(levels=2, sample_size=2 * LATENT_SIZE)).save_pretrained(directory / "vae")
     PNDMScheduler.from_config(sd_2_1_base.SCHEDULER).save_pretrained(directory / "scheduler")
     (directory / "model_index.json").write_text(json.dumps({

@@ -21,7 +21,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `examples.ddis` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from examples.common.cli import add_attention_backend, add_run_options, comma_list, example_parser, run_seeds  # noqa: E402
+from examples.common.cli import (add_attention_backend, add_run_options, comma_list, example_parser,  # noqa: E402
+                                 run_seeds)
 from examples.ddis.presets import PRESETS  # noqa: E402
 
 OVERRIDES = ("teacher", "student", "steps", "guidance_scale", "eta", "guide_target", "bn_form", "bn_batch",

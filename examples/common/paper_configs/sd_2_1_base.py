@@ -35,7 +35,8 @@ UNET: Dict = dict(
     upcast_attention=False, num_class_embeds=None, resnet_time_scale_shift="default")
 
 VAE: Dict = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
     block_out_channels=(128, 256, 512, 512), layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32,
     sample_size=512, scaling_factor=0.18215)
 
