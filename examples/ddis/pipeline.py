@@ -45,7 +45,8 @@ from .method import (CATBatch, cat_optimizer, cat_step, class_conditionings, cla
                      latent_shape, synthesize_batch, top1)
 
 STAGES = ("tokens", "synthesize", "distill")
-COLUMNS = ["stage", "step", "rank", "classes", "epochs", "epoch", "loss", "accuracy", "best_loss", "first_class",
+COLUMNS = ["stage", "step", "rank", "classes", "epochs", "epoch", "loss", "accuracy", "grad_norm", "best_loss",
+           "first_class",
            "first_k", "images", "dag_loss_first", "dag_loss_last", "kd_loss", "agreement", "lr", "student_test_acc"]
 PANELS = {"loss": ("loss", "kd_loss"), "accuracy": ("accuracy", "student_test_acc")}
 
@@ -234,6 +235,8 @@ def run_tokens(run: Run, ctx: TokenContext) -> Dict:
             flags = acc.reduce(torch.tensor([stepped, int(not mine["done"])], device=acc.device), "sum")
             if int(flags[0]):
                 run.step += 1
+            if stepped:
+                mine["rows"][-1]["step"] = run.step
             if not int(flags[1]):
                 break
             run.stop_if_at_max("tokens", rank_state)
@@ -244,8 +247,10 @@ def run_tokens(run: Run, ctx: TokenContext) -> Dict:
                                             "rank": rank, "best_loss": mine["best_loss"]}]
         for r in sorted(gather_object(report) if world > 1 else report, key=lambda r: r["group"][0]):
             pos["learned"][r["group"]] = r["rows"]
-            last = r["log"][-1]
-            row = {"stage": "tokens", "step": run.step, "rank": r["rank"], "classes": ",".join(map(str, r["group"])),
+            last, classes = r["log"][-1], ",".join(map(str, r["group"]))
+            for epoch in r["log"]:  # the class's CAT epochs, then its summary (the kept rows' loss)
+                run.log.add({"stage": "tokens", "rank": r["rank"], "classes": classes, **epoch})
+            row = {"stage": "tokens", "step": run.step, "rank": r["rank"], "classes": classes,
                    "epochs": len(r["log"]), "loss": last["loss"], "accuracy": last["accuracy"],
                    "best_loss": r["best_loss"]}
             pos["rows"].append(row)

@@ -63,6 +63,13 @@ def main(argv=None):
     out = args.out or Path("runs/ddis") / preset.name
     import torch
 
+    if args.quiet:  # the libraries' own bars (loading weights, writing shards) too
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+
     try:
         if preset.dataset == "digits":
             from dataclasses import replace
