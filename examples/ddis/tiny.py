@@ -21,7 +21,8 @@ from ..common.digits import DIGIT_NAMES
 from ..common.tables import markdown_table, write_json
 from .evaluate import load_image_folder, set_measures
 from .models import build_sampler, preprocess_of
-from .pipeline import KDData, Run, RunConfig, TokenContext, classifier_accuracy, run_distill, run_synthesis, run_tokens
+from .pipeline import (KDData, Run, RunConfig, TokenContext, classifier_accuracy, fresh_start, run_distill,
+                       run_synthesis, run_tokens)
 from .tiny_world import TinyBNNet, TinyWorldConfig, build_tiny_world, scheduler_config
 
 METHODS = ("vanilla", "dag", "dag_cat")
@@ -88,6 +89,7 @@ def run_tiny(rc: TinyRun) -> List[list]:
     results = {"preset": preset.to_dict(), "world": rc.world.__dict__, "runs": []}
 
     def sub_run(out: Path, seed: int, stages) -> Run:
+        fresh_start(out, stages)  # a rerun regenerates its sets (the world stays cached)
         return Run.start(RunConfig(preset=preset, out=out, seed=seed, stages=stages, quiet=rc.quiet), accelerator,
                          f"DDIS tiny {out.parent.name}/{out.name}")
 
