@@ -5,7 +5,10 @@
 loss, nearest 224 resize, no normalisation: the code's choices), CAT with AdamW lr 1e-4, 10 prompts per epoch
 accumulated into one step, up to 15 epochs, stop at 70% accuracy; the CAT cross-entropy sees ImageNet
 preprocessing at 224 (the reference's CIFAR branch is its bug 2). KD is unpublished: Hinton KL, T = 4.
-``pacs`` is the same recipe for PACS' 7 classes. ``tiny`` is the CPU ablation on digits (tiny_world.py).
+``pacs`` is the same recipe for PACS' 7 classes. ``smoke`` is ``imagenet_r34_r18``'s code path (class names
+from a file, torchvision ResNet-34 -> ResNet-18, SD 2.1-base's diffusers layout and PNDM) on the random-weight,
+depth-cut models and generated data of smoke.py, sized to run in seconds on CPU. ``tiny`` is the CPU ablation
+on digits (tiny_world.py).
 """
 from __future__ import annotations
 
@@ -74,6 +77,12 @@ def _build() -> Dict[str, Preset]:
                                    images_per_class=1000, kd_epochs=50, kd_batch=64, kd_lr=0.01)
     # tiny: DDIM (fused CFG step) with trailing spacing, Tweedie-x0 guidance on batch statistics of mixed-class
     # batches, eta tuned on this prior (README: how); CAT trains the ten tokens jointly.
+    # smoke: imagenet_r34_r18 with 2 classes (one per process on 2), 2 PNDM steps, 2 CAT epochs of one prompt,
+    # 4 images per class at 16x16 (the cut VAE's resolution; saved and classified at 32), sampled 4 at a time,
+    # 2 KD epochs of batch 4 (2 per process on 2; BatchNorm needs 2).
+    smoke = imagenet.with_overrides(name="smoke", num_classes=2, steps=2, classifier_size=32, cat_epochs=2,
+                                    cat_prompts_per_epoch=1, images_per_class=4, synth_batch=4, save_size=32,
+                                    kd_epochs=2, kd_batch=4, num_workers=0)
     tiny = Preset(name="tiny", dataset="digits", teacher="tiny_teacher", student="tiny_student", num_classes=10,
                   scheduler="ddim", steps=20, guidance_scale=3.0, eta=100.0, guide_target="x0", bn_batch="batch",
                   dag_preprocess="none", ce_preprocess="none", classifier_size=16, cat_lr=5e-3,
@@ -81,7 +90,7 @@ def _build() -> Dict[str, Preset]:
                   cat_patience=4, cat_joint=True, cat_seed=35, images_per_class=50, synth_batch=100,
                   save_size=None, kd_epochs=60, kd_lr=3e-3, kd_batch=64, kd_optimizer="adamw",
                   kd_weight_decay=5e-4, kd_temperature=4.0, num_workers=0)
-    return {p.name: p for p in (imagenet, pacs, tiny)}
+    return {p.name: p for p in (imagenet, pacs, smoke, tiny)}
 
 
 PRESETS: Dict[str, Preset] = _build()

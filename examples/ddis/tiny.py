@@ -1,13 +1,16 @@
 """The ``tiny`` preset: DDIS' ablation in miniature on CPU. One off-domain digit prior, one BN teacher; three
 synthetic sets (vanilla CFG sampling, DAG, DAG + CAT), each distilled into the same student; reported: the
 BN loss of each set, the teacher's accuracy on it and the KD student's accuracy on the real digits test
-split (plus a reference row: as many real training digits through the same KD)."""
+split (plus a reference row: as many real training digits through the same KD).
+
+Each (seed, method) is a run of the pipeline's stages (pipeline.py: run_tokens, run_synthesis, run_distill)
+in ``<out>/seed<s>/<method>`` on one process, with the tiny world's models in place of Stable Diffusion's."""
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -16,11 +19,10 @@ from ddg_models import ClassAlignmentTokens
 
 from ..common.digits import DIGIT_NAMES
 from ..common.tables import markdown_table, write_json
-from .cat import TOKENS, load_state, train_class_tokens
-from .components import build_sampler, preprocess_of
-from .distill import distill
 from .evaluate import load_image_folder, set_measures
-from .synthesize import save_class_grids, synthesize
+from .models import build_sampler, preprocess_of
+from .pipeline import (KDData, Run, RunConfig, TokenContext, classifier_accuracy, fresh_start, run_distill,
+                       run_synthesis, run_tokens)
 from .tiny_world import TinyBNNet, TinyWorldConfig, build_tiny_world, scheduler_config
 
 METHODS = ("vanilla", "dag", "dag_cat")
@@ -34,75 +36,80 @@ class TinyRun:
     seeds: Tuple[int, ...] = (0,)
     methods: Tuple[str, ...] = METHODS
     world: TinyWorldConfig = field(default_factory=TinyWorldConfig)
-    resume: bool = False
     quiet: bool = False
     attention_backend: str = "sdpa"
 
 
 def shift_augment(x: torch.Tensor) -> torch.Tensor:
-    """Random -1..1 pixel shift of the whole batch (cheap augmentation for the tiny KD)."""
+    """Random -1..1 pixel shift of the whole batch (cheap augmentation for the tiny KD; the global generator:
+    the run's per-rank stream)."""
     dy, dx = torch.randint(-1, 2, (2,)).tolist()
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
 
 
-def _kd(world, images: torch.Tensor, preset, out: Path, seed: int, rc: TinyRun, log) -> float:
+def _kd(run: Run, world, images: torch.Tensor, rc: TinyRun) -> float:
     x_te, y_te = world["real"][2:]
-    torch.manual_seed(seed)
-    student = TinyBNNet(rc.world.student_widths)
-    g = torch.Generator().manual_seed(seed)
-    train = DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)),
-                       batch_size=preset.kd_batch, shuffle=True, generator=g)
-    test = DataLoader(TensorDataset(x_te, y_te), batch_size=512)
-    rows = distill(world["teacher"], student, train, preset, out, test_loader=test, augment=shift_augment,
-                   resume=rc.resume, quiet=rc.quiet, log=log)
-    return rows[-1]["student_test_acc"]
+    kd = KDData(train=TensorDataset(images, torch.zeros(len(images), dtype=torch.long)),
+                build_student=lambda: TinyBNNet(rc.world.student_widths),
+                evaluate=classifier_accuracy(DataLoader(TensorDataset(x_te, y_te), batch_size=512), "student_test_acc"),
+                augment=shift_augment)
+    return run_distill(run, world["teacher"], kd)["row"]["student_test_acc"]
 
 
-def _prompts_and_sampler(method: str, world, preset, out: Path, rc: TinyRun, log):
-    """The method's sampler (on its own copy of the text stack when tokens are added) and class prompts."""
+def _context(method: str, world, preset, rc: TinyRun) -> TokenContext:
+    """The method's sampler (on its own copy of the text stack when tokens are added) and class tokens."""
     from diffusers import DDIMScheduler
     from transformers import CLIPTokenizer
 
-    scheduler = DDIMScheduler(**scheduler_config())
     parts = dict(world)
+    tokens = None
     if method == "dag_cat":
         parts["tokenizer"] = CLIPTokenizer.from_pretrained(Path(rc.out) / "world" / "tokenizer")
         parts["text_encoder"] = copy.deepcopy(world["text_encoder"])
-    sampler = build_sampler(preset, parts, world["teacher"], scheduler, rc.attention_backend)
+    sampler = build_sampler(preset, parts, world["teacher"], DDIMScheduler(**scheduler_config()), rc.attention_backend)
+    if method == "dag_cat":
+        tokens = ClassAlignmentTokens(parts["tokenizer"], parts["text_encoder"], DIGIT_NAMES)
     with torch.no_grad():
         uncond = sampler.prompt_encoder([""])
-    if method != "dag_cat":
-        return sampler, [f"a {n}" for n in DIGIT_NAMES], uncond, []
-    cat_dir = out / "cat"
-    tokens = ClassAlignmentTokens(parts["tokenizer"], parts["text_encoder"], DIGIT_NAMES)
-    if load_state(cat_dir)["done"]:
-        tokens.load_embeddings(cat_dir / TOKENS)
-    rows = train_class_tokens(sampler, tokens, world["teacher"], preprocess_of(preset.ce_preprocess,
-                                                                              preset.classifier_size),
-                              preset, cat_dir, uncond, quiet=rc.quiet, log=log)
-    return sampler, [tokens.prompt(c) for c in range(len(DIGIT_NAMES))], uncond, rows
+    return TokenContext(sampler, tokens, world["teacher"], preprocess_of(preset.ce_preprocess, preset.classifier_size),
+                        uncond)
 
 
-def run_tiny(rc: TinyRun, log: Callable[[str], None] = print) -> List[list]:
+def run_tiny(rc: TinyRun) -> List[list]:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    log = accelerator.print
     torch.manual_seed(0)
-    world = build_tiny_world(rc.out, rc.world, log=log)
+    world = build_tiny_world(rc.out, rc.world, log=log, quiet=rc.quiet)
     preset = rc.preset
     x_tr, y_tr, x_te, y_te = world["real"]
     real = set_measures(world["teacher"], x_te, y_te, preset.bn_form)
     rows: List[list] = []
     results = {"preset": preset.to_dict(), "world": rc.world.__dict__, "runs": []}
+
+    def sub_run(out: Path, seed: int, stages) -> Run:
+        fresh_start(out, stages)  # a rerun regenerates its sets (the world stays cached)
+        return Run.start(RunConfig(preset=preset, out=out, seed=seed, stages=stages, quiet=rc.quiet), accelerator,
+                         f"DDIS tiny {out.parent.name}/{out.name}")
+
     for seed in rc.seeds:
         for method in rc.methods:
             out = Path(rc.out) / f"seed{seed}" / method
-            torch.manual_seed(seed)
-            sampler, prompts, uncond, cat_rows = _prompts_and_sampler(method, world, preset, out, rc, log)
-            synthesize(sampler, prompts, DIGIT_NAMES, out / "images", per_class=preset.images_per_class,
-                       batch_size=preset.synth_batch, steps=preset.steps, seed=seed, uncond=uncond,
-                       guided=method != "vanilla", save_size=preset.save_size, quiet=rc.quiet)
-            save_class_grids(out / "images", DIGIT_NAMES, preset.images_per_class, out / "grids")
+            run = sub_run(out, seed, ("tokens", "synthesize", "distill") if method == "dag_cat"
+                          else ("synthesize", "distill"))
+            ctx = _context(method, world, preset, rc)
+            prompts = [f"a {n}" for n in DIGIT_NAMES]
+            if ctx.tokens is not None:
+                run_tokens(run, ctx)
+                ctx.tokens.save_pretrained(out / "export" / "class_tokens")
+                prompts = [ctx.tokens.prompt(c) for c in range(len(DIGIT_NAMES))]
+            run_synthesis(run, ctx, prompts, DIGIT_NAMES, out / "images", guided=method != "vanilla")
             images, labels = load_image_folder(out / "images", channels=1)
             measures = set_measures(world["teacher"], images, labels, preset.bn_form)
-            acc = _kd(world, images, preset, out / "kd", seed, rc, log)
+            acc = _kd(run, world, images, rc)
+            run.finished()
+            cat_rows = run.products.get("tokens", {}).get("rows", [])
             rows.append([method, seed, measures["bn_loss"], measures["teacher_acc"], acc])
             results["runs"].append(dict(method=method, seed=seed, **measures, student_acc=acc, cat=cat_rows))
             log(f"{method} seed {seed}: BN loss {measures['bn_loss']:.3f}, teacher acc {measures['teacher_acc']:.1f}, "
@@ -110,10 +117,13 @@ def run_tiny(rc: TinyRun, log: Callable[[str], None] = print) -> List[list]:
     # The reference: as many real training digits as a synthetic set holds, through the same KD.
     subset = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(rc.seeds[0]))
     subset = subset[:preset.images_per_class * len(DIGIT_NAMES)]
-    ref_acc = _kd(world, x_tr[subset], preset, Path(rc.out) / "real_kd", rc.seeds[0], rc, log)
+    ref_run = sub_run(Path(rc.out) / "real_kd", rc.seeds[0], ("distill",))
+    ref_acc = _kd(ref_run, world, x_tr[subset], rc)
+    ref_run.finished()
     rows.append(["real digits (reference)", rc.seeds[0], real["bn_loss"], real["teacher_acc"], ref_acc])
     table = markdown_table(HEADER, _mean_rows(rows, rc.methods) if len(rc.seeds) > 1 else rows)
     results["table"] = table
+    results["metrics"] = {f"{r[0]}_seed{r[1]}_student_acc": r[4] for r in rows}
     write_json(Path(rc.out) / "results.json", results)
     (Path(rc.out) / "results.md").write_text(table)
     log("\n" + table)

@@ -110,13 +110,15 @@ def scheduler_config() -> dict:
 
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int,
-                     generator: torch.Generator, lr: float = 3e-3) -> nn.Module:
+                     generator: torch.Generator, lr: float = 3e-3, quiet: bool = False) -> nn.Module:
     """Cross-entropy training with +-1 pixel shifts; returns the model in eval mode."""
+    from tqdm.auto import tqdm
+
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     steps = epochs * math.ceil(len(y) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     model.train()
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="tiny world: teacher epochs", disable=quiet, leave=False):
         for idx in torch.randperm(len(y), generator=generator).split(batch_size):
             xb = torch.roll(x[idx], shifts=tuple(torch.randint(-1, 2, (2,), generator=generator).tolist()), dims=(2, 3))
             loss = F.cross_entropy(model(xb), y[idx])
@@ -168,7 +170,7 @@ def train_unet(unet, vae, text_encoder, tokenizer, x: torch.Tensor, y: torch.Ten
     return unet, text_encoder
 
 
-def build_tiny_world(out: Path, config: TinyWorldConfig, seed: int = 0, log=print):
+def build_tiny_world(out: Path, config: TinyWorldConfig, seed: int = 0, log=print, quiet: bool = False):
     """Teacher, prior (vae, unet, text encoder, tokenizer), scheduler config; trained once and cached."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
@@ -188,7 +190,7 @@ def build_tiny_world(out: Path, config: TinyWorldConfig, seed: int = 0, log=prin
     else:
         torch.manual_seed(seed)
         teacher = train_classifier(TinyBNNet(config.teacher_widths), x_tr, y_tr, config.teacher_epochs,
-                                   config.batch_size, torch.Generator().manual_seed(seed))
+                                   config.batch_size, torch.Generator().manual_seed(seed), quiet=quiet)
         world.mkdir(parents=True, exist_ok=True)
         torch.save(teacher.state_dict(), teacher_path)
     x_prior = shifted_domain(x_tr, config.angle_deg, config.thicken, config.intensity)
@@ -224,6 +226,3 @@ def build_tiny_world(out: Path, config: TinyWorldConfig, seed: int = 0, log=prin
     return dict(teacher=teacher, vae=vae, unet=unet, tokenizer=tokenizer, text_encoder=text_encoder,
                 real=(x_tr, y_tr, x_te, y_te), prior_data=x_prior)
 
-
-# A world that builds in seconds, for the CI smoke test of the whole pipeline (its numbers mean nothing).
-SMOKE_WORLD = TinyWorldConfig(teacher_epochs=1, vae_steps=2, unet_steps=2, batch_size=16)

@@ -1,5 +1,10 @@
 """Diffusion components, preprocessing and the DAG sampler of a preset. Nothing is downloaded: Stable
-Diffusion comes from a local diffusers directory (``--pretrained-model``), the teacher from a local checkpoint."""
+Diffusion comes from a local diffusers directory (``--pretrained-model``), the teacher from a local checkpoint.
+
+Under mixed precision the frozen UNet and VAE hold their weights in the half dtype (as diffusers' training
+scripts do); the text encoder stays fp32 (CAT trains its embedding rows) and so does the classifier (its BN
+statistics are the guidance). The latents and the DAG update are fp32 throughout: ``GuidedTeacher`` and
+``VAECodec`` cast at their boundaries."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +20,10 @@ from ddg_models import (ClassifierPreprocess, DAGSampler, GuidedTeacher, PromptE
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-def load_stable_diffusion(path, scheduler: str = "pndm") -> Dict[str, object]:
+HALF = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_stable_diffusion(path, scheduler: str = "pndm", mixed_precision: str = "no") -> Dict[str, object]:
     """unet, vae, text_encoder, tokenizer and the scheduler ('pndm': the pipeline's PNDM as the DDIS code;
     'ddim': DDIM from the same scheduler config) from a local diffusers model directory."""
     from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
@@ -28,11 +36,15 @@ def load_stable_diffusion(path, scheduler: str = "pndm") -> Dict[str, object]:
     missing = [p for p in SD_PARTS if not (root / p).is_dir()]
     if missing:
         raise FileNotFoundError(f"{root} lacks the subfolders {missing} of a diffusers Stable Diffusion model")
+    if mixed_precision not in HALF:
+        raise ValueError(f"load_stable_diffusion: 'mixed_precision' must be one of {sorted(HALF)}, got "
+                         f"{mixed_precision!r}")
+    half = {} if HALF[mixed_precision] is None else {"torch_dtype": HALF[mixed_precision]}
     schedulers = {"pndm": PNDMScheduler, "ddim": DDIMScheduler}
     if scheduler not in schedulers:
         raise ValueError(f"scheduler must be one of {sorted(schedulers)}, got {scheduler!r}")
-    parts = dict(unet=UNet2DConditionModel.from_pretrained(root / "unet"),
-                 vae=AutoencoderKL.from_pretrained(root / "vae"),
+    parts = dict(unet=UNet2DConditionModel.from_pretrained(root / "unet", **half),
+                 vae=AutoencoderKL.from_pretrained(root / "vae", **half),
                  text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder"),
                  tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
                  scheduler=schedulers[scheduler].from_pretrained(root / "scheduler"))
@@ -66,6 +78,3 @@ def build_sampler(preset, parts: Dict[str, object], classifier: nn.Module, sched
                       guide_target=preset.guide_target)
 
 
-def teacher_logits(teacher: nn.Module, preprocess: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Logits of images in [0, 1] (the preprocess modules take the VAE's [-1, 1] range)."""
-    return teacher(preprocess(images * 2 - 1))
