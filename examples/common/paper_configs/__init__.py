@@ -1,0 +1,1 @@
+"""Architecture configs of the papers' models, from their model cards."""
