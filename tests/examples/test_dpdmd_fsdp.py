@@ -1,0 +1,46 @@
+"""DP-DMD under FSDP on two CPU ranks (gloo; tests/examples/dpdmd_fsdp_ranks.py emulates accelerate's FSDP1 and
+FSDP2 wrapping, which accelerate itself refuses on CPU): the exported student is the whole model, and the
+generator's sigma grid keeps its fp32 values under bf16 mixed precision."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+for _module in ("accelerate", "diffusers", "transformers"):
+    pytest.importorskip(_module)
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.examples.two_ranks import launch_two_ranks  # noqa: E402
+
+
+def _ranks(mode: str, what: str, out: Path):
+    launch_two_ranks(ROOT / "tests/examples/dpdmd_fsdp_ranks.py", mode, what, str(out), timeout=300)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.xfail(strict=True, reason="the export saves rank 0's own shard (save_pretrained ignores state_dict)")
+@pytest.mark.parametrize("mode", ["fsdp1", "fsdp2"])
+def test_fsdp_export_is_the_full_student(mode, tmp_path):
+    rank0, _ = _ranks(mode, "export", tmp_path)
+    assert "export_error" not in rank0, rank0["export_error"]
+    assert "reload_error" not in rank0, rank0["reload_error"]
+    assert rank0["missing"] == [] and rank0["different"] == [], (rank0["missing"], rank0["different"][:5])
+    assert rank0["dtypes"] == ["torch.float32"]  # the fp32 master weights, not the bf16 compute copy
+
+
+@pytest.mark.xfail(strict=True, reason="FSDP1's bf16 buffer cast reaches the generator's sigma grid")
+def test_fsdp_bf16_keeps_the_sigma_grid(tmp_path):
+    from ddg_models import shifted_flow_sigmas
+
+    grid = shifted_flow_sigmas(4, 3.0)  # 1, 0.8577, 0.6022, 0.0089, 0
+    for report in _ranks("fsdp1", "grid", tmp_path):
+        assert report["sigmas_dtype"] == "torch.float32", report
+        assert report["sigmas"] == grid.tolist()
+        assert report["timesteps_seen"] == (1000 * grid[:-1]).tolist(), report["timesteps_seen"]
