@@ -134,10 +134,21 @@ def latent_shape(pipe, batch: int, resolution: int):
     return (batch, pipe.transformer.config.in_channels, resolution // factor, resolution // factor)
 
 
+class FixedGridGenerator(FewStepGenerator):
+    """FewStepGenerator whose sigma grid is a plain tensor attribute, not a buffer. The generator is what
+    accelerate wraps (under FSDP the root unit, so that the timesteps it computes enter the transformer unchanged),
+    and FSDP's mixed precision casts the buffers of what it wraps: a bf16 grid is 1, 0.8594, 0.6016, 0.0089
+    instead of 1, 0.8577, 0.6022, 0.0089, and the student would train on other timesteps than it samples with."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        grid = self._buffers.pop("sigmas")
+        self.sigmas = grid  # only read through .tolist(): its device does not matter
+
+
 def prepare_generator(accelerator, student, optimizer, p: SD3Preset, shift: float):
     """The few-step generator over the student, prepared with its optimizer."""
-    c = p.distill
-    generator = FewStepGenerator(student, p.student_steps, shift, c.detach_first_step)
+    generator = FixedGridGenerator(student, p.student_steps, shift, p.distill.detach_first_step)
     return accelerator.prepare(generator, optimizer)
 
 
@@ -331,8 +342,9 @@ def evaluate_export(out: Path, mixed_precision: str = "no") -> Dict[str, float]:
     pipe = load_teacher_pipeline(Path(results["model"]), torch.bfloat16 if p.weights_dtype == "bf16"
                                  else torch.float32)
     student = SD3Transformer2DModel.from_pretrained(Path(out) / results["export"], torch_dtype=torch.float32)
-    generator = FewStepGenerator(accelerator.prepare(student.eval()), p.student_steps,
-                                 float(pipe.scheduler.config.shift), p.distill.detach_first_step)
+    generator = accelerator.prepare(FixedGridGenerator(student.eval(), p.student_steps,
+                                                       float(pipe.scheduler.config.shift),
+                                                       p.distill.detach_first_step))
     prompts = read_prompts(Path(results["eval_prompts"])) if results["eval_prompts"] else \
         read_prompts(Path(results["prompts"]))[:p.eval_prompts]
     embedder = build_embedder(results["diversity_model"] and Path(results["diversity_model"]), accelerator.device)

@@ -35,7 +35,6 @@ def test_fsdp_export_is_the_full_student(mode, tmp_path):
     assert rank0["dtypes"] == ["torch.float32"]  # the fp32 master weights, not the bf16 compute copy
 
 
-@pytest.mark.xfail(strict=True, reason="FSDP1's bf16 buffer cast reaches the generator's sigma grid")
 def test_fsdp_bf16_keeps_the_sigma_grid(tmp_path):
     from ddg_models import shifted_flow_sigmas
 
