@@ -152,15 +152,45 @@ def prepare_generator(accelerator, student, optimizer, p: SD3Preset, shift: floa
     return accelerator.prepare(generator, optimizer)
 
 
+def full_state_dict(module) -> Dict[str, torch.Tensor]:
+    """The whole state dict of a prepared module on the main process (CPU tensors; other ranks get {}): gathered
+    from the shards under FSDP1 or FSDP2 (a collective: every rank calls it), unwrapped from DDP otherwise."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if dist.is_available() and dist.is_initialized() and any(
+            isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules()):
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    while hasattr(module, "module"):  # DDP (accelerate's autocast wrapper keeps the module itself)
+        module = module.module
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
 def export_student(accelerator, generator, directory: Path) -> None:
-    """The student transformer as a diffusers folder (full state dict gathered from the FSDP shards)."""
-    state = accelerator.get_state_dict(generator)  # collective under FSDP: every rank calls it
+    """The student transformer as a diffusers folder (safetensors, fp32 master weights), written once by the main
+    process. diffusers' ``save_pretrained`` saves the module's own tensors (a shard under FSDP) and has no
+    state-dict argument, so the gathered state dict is loaded into an unsharded transformer built on the meta
+    device from the student's config, which is then saved."""
+    from diffusers import SD3Transformer2DModel
+
+    state = full_state_dict(generator)
     if accelerator.is_main_process:
-        student = accelerator.unwrap_model(generator).model
         prefix = "model."
-        student.save_pretrained(directory, state_dict={k[len(prefix):]: v for k, v in state.items()
-                                                       if k.startswith(prefix)})
+        student = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        config = _inner(generator).model.config
+        with torch.device("meta"):
+            model = SD3Transformer2DModel.from_config(config)
+        model.load_state_dict(student, strict=True, assign=True)
+        model.save_pretrained(directory, safe_serialization=True)
     accelerator.wait_for_everyone()
+
+
+def _inner(module):
+    """The module under the DDP / FSDP1 wrappers (FSDP2 keeps the module itself)."""
+    while hasattr(module, "module") or hasattr(module, "_fsdp_wrapped_module"):
+        module = getattr(module, "_fsdp_wrapped_module", None) or module.module
+    return module
 
 
 @torch.no_grad()
