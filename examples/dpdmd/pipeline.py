@@ -326,7 +326,7 @@ def run(rc: RunConfig, accelerator) -> Dict:
         log.add(row)
         if step % p.ckpt_every == 0 or step == rc.max_steps:
             save()
-        if step == rc.max_steps and step < total:
+        if step == rc.max_steps:  # also at the last step: the export and results come with the final --resume
             bar.close()
             log.close()
             raise StopRun

@@ -17,7 +17,6 @@ prompts and the diversity model are local paths (smoke builds random-weight ones
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -82,15 +81,6 @@ def build_preset(args: argparse.Namespace):
     return replace(preset, distill=replace(preset.distill, **distill), **changes)
 
 
-def _check_launch_precision(flag: str) -> None:
-    """accelerate launch passes its mixed precision in the environment; a different --mixed-precision would
-    silently win (Accelerator's argument) or lose: refuse the mismatch."""
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launched is not None and launched != flag:
-        raise SystemExit(f"--mixed-precision {flag}, but the accelerate launch configuration says {launched}: give "
-                         "the same precision to both")
-
-
 def main(argv=None):
     args = parse_args(argv)
     preset = build_preset(args)
@@ -121,7 +111,7 @@ def main(argv=None):
             check_model_folder(model)
         if prompts is not None:
             read_prompts(prompts)
-        _check_launch_precision(args.mixed_precision)
+        # --mixed-precision is what the run uses (Accelerator's argument wins over an accelerate config's)
         accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision)
         if model is None:  # smoke without --pretrained-model: the random-weight SD3.5-Medium folder
             assets = build_smoke_assets(out, accelerator)
