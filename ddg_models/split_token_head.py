@@ -110,6 +110,19 @@ class SplitTokenBlock(nn.Module):
         return gated_residual(hidden, gate, self.fc2(F.silu(self.fc1(h))), cond_index)
 
 
+def _check_index_range(name: str, t: torch.Tensor, end: int) -> None:
+    """Every entry of ``t`` in [0, end). On CPU an eager check with the offending values; on an accelerator or
+    under torch.compile an asynchronous device assert (no host sync in the training step)."""
+    if t.numel() == 0:
+        return
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= end:
+            raise ValueError(f"{_NAME}.forward: '{name}' must lie in [0, {end}), got values in [{lo}, {hi}]")
+        return
+    torch._assert_async(((t >= 0) & (t < end)).all(), f"{_NAME}.forward: '{name}' out of [0, {end})")
+
+
 class SplitTokenDiffusionHead(nn.Module):
     """Split-token diffusion head of GenDD: predicts eps (and the variance interpolation v) of
     noised C-dim tokens x_t, conditioned on (timestep, per-sample condition z, token position k).
@@ -246,6 +259,12 @@ class SplitTokenDiffusionHead(nn.Module):
             if t is not None and t.device != self.device:
                 raise ValueError(f"{_NAME}.forward: '{name}' must be on the head's device {self.device}, "
                                  f"got {t.device}")
+        # Out of range, a timestep still embeds (the sinusoid takes any t) and a negative index wraps: both
+        # would be silent wrong answers.
+        for name, t, end in (("timesteps", timesteps, cfg.num_timesteps), ("sample_index", sample_index,
+                                                                              cond.shape[0]),
+                             ("token_index", token_index, cfg.num_tokens)):
+            _check_index_range(name, t, end)
         return M
 
     # ------------------------------------------------------------------------------ sampling

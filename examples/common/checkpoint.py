@@ -16,7 +16,10 @@ A checkpoint is one directory ``<out>/checkpoints/step-<global step>/``:
   with other settings is refused with the differing fields.
 
 Written atomically: everything goes to ``step-N.tmp`` first, which is renamed once complete, then the
-``latest`` pointer file is replaced; the ``keep`` newest checkpoints are kept.
+``latest`` pointer file is replaced; the ``keep`` newest checkpoints are kept. ``history.jsonl`` gets one line
+``{"step", "stage"}`` per checkpoint written (also those deleted since): where a run can be stopped and resumed.
+A run started afresh in a folder that holds a longer run's checkpoints replaces that timeline: writing step N
+deletes the checkpoints and history records past N.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import torch
 from .rng import atomic_save, rng_state, set_rng_state
 
 LATEST = "latest"
+HISTORY = "history.jsonl"
 
 
 def settings_fingerprint(settings: Mapping[str, Any]) -> str:
@@ -100,7 +104,14 @@ def save(root: Path, accelerator, *, stage: str, step: int, settings: Mapping[st
         pointer = root / (LATEST + ".tmp")
         pointer.write_text(final.name)
         os.replace(pointer, root / LATEST)
-        for old in sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
+        # Checkpoints past this step belong to an earlier run of this folder that went further (a run started
+        # afresh in it): this run's timeline replaces theirs, in the folders and in the history.
+        records = [h for h in history(root) if h["step"] < step] + [{"step": step, "stage": stage}]
+        _write_text(root / HISTORY, "".join(json.dumps(h) + "\n" for h in records))
+        written = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")),
+                         key=lambda p: int(p.name.split("-")[1]))
+        for old in [p for p in written if int(p.name.split("-")[1]) > step] + \
+                [p for p in written if int(p.name.split("-")[1]) <= step][:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -147,3 +158,17 @@ def load(ckpt: Checkpoint, accelerator, stage: str,
                            f"(it has {sorted(rngs['generators'])})")
         g.set_state(rngs["generators"][name])
     return rngs["rank_state"]
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def history(root: Path) -> list:
+    """The ``{"step", "stage"}`` records of every checkpoint written under ``root``, in order ([] if none)."""
+    path = Path(root) / HISTORY
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -93,7 +93,9 @@ def test_checkpoint_folders_pointer_and_keep(tmp_path, accelerator):
     try:
         for step in (1, 2, 3):
             _save(tmp_path, accelerator, step)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000002", "step-00000003"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["history.jsonl", "latest", "step-00000002",
+                                                              "step-00000003"]
+        assert checkpoint.history(tmp_path) == [{"step": s, "stage": "s"} for s in (1, 2, 3)]  # deleted ones too
         assert (tmp_path / "latest").read_text() == "step-00000003"
         files = {p.name for p in (tmp_path / "step-00000003").iterdir()}
         assert files == {"s", "rng-rank0.pt", "state.pt", "meta.json"}
@@ -108,6 +110,10 @@ def test_checkpoint_folders_pointer_and_keep(tmp_path, accelerator):
             checkpoint.latest(tmp_path, {"lr": 1.0}, num_processes=2)
         with pytest.raises(ValueError, match="keep must be >= 1"):
             _save(tmp_path, accelerator, 4, keep=0)
+        _save(tmp_path, accelerator, 1)  # a run started afresh in this folder: its timeline replaces the old one
+        assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000001"]
+        assert checkpoint.history(tmp_path) == [{"step": 1, "stage": "s"}]
+        assert checkpoint.latest(tmp_path, {"lr": 1.0}).step == 1
     finally:
         accelerator.free_memory()
 

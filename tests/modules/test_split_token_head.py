@@ -358,6 +358,14 @@ def test_rejects_bad_config_and_inputs():
         head(x, t, cond[:, :3], si, ti)
     with pytest.raises(ValueError, match=r"'keep' must be a float or bool tensor of shape \[12\]"):
         head(x, t, cond, si, ti, keep[:5])
+    T = head.config.num_timesteps
+    for bad_t in (T, -1):
+        with pytest.raises(ValueError, match=rf"'timesteps' must lie in \[0, {T}\), got values in"):
+            head(x, torch.full_like(t, bad_t), cond, si, ti)
+    with pytest.raises(ValueError, match=r"'sample_index' must lie in \[0, 2\), got values in \[-1, "):
+        head(x, t, cond, torch.where(si == 0, -1, si), ti)
+    with pytest.raises(ValueError, match=r"'token_index' must lie in \[0, 3\)"):
+        head(x, t, cond, si, ti + 1)
     with pytest.raises(ValueError, match=r"trunk: 'adaln_rows' must be \[U, 176\]"):
         head.trunk(torch.randn(3, W), torch.randn(3, W))
     with pytest.raises(ValueError, match="sample: 'num_samples' must be a positive int, got 0"):
