@@ -2,7 +2,8 @@
 SD3.5-Medium's configs with one block, bf16 teacher weights, fp32 student and fake score; 4 steps at TTUR 1:
 fake, student, fake, student; a checkpoint at step 3, evaluations at steps 3 and 4) in every cell of the matrix.
 
-DP-DMD-specific checks (``check``): the exported student reloads with ``SD3Transformer2DModel.from_pretrained``
+DP-DMD-specific checks (``check``): the smoke folder holds the released configs (cut where SMOKE_CUTS says);
+the exported student (fp32) reloads with ``SD3Transformer2DModel.from_pretrained``
 (fp32 master weights) and, re-evaluated on one process under the cell's precision, gives the run's last
 evaluation (each prompt is evaluated by one rank with image seeds of its own, so a 2-process run's numbers are
 reproduced by one process); the log has one row per step and the sample grids were written once per evaluation;
@@ -18,12 +19,37 @@ import torch
 from tests.examples.conformance import ConformanceCase, Tolerance
 
 
+def released_configs(model: Path) -> None:
+    """The smoke pipeline folder holds SD3.5-Medium's configs, cut only where SMOKE_CUTS says, and no T5."""
+    from examples.common.paper_configs import sd3_5_medium as sd35
+
+    def config(folder):
+        return json.loads((model / folder / "config.json").read_text())
+
+    plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    for folder, released, prefix in (("transformer", sd35.TRANSFORMER, "transformer"), ("vae", sd35.VAE, "vae"),
+                                     ("text_encoder", sd35.CLIP_L, "clip"), ("text_encoder_2", sd35.CLIP_G, "clip")):
+        saved = config(folder)
+        for key, value in released.items():
+            value = sd35.SMOKE_CUTS.get(f"{prefix}.{key}", value)
+            if key != "vocab_size":  # the local word tokenizer's
+                assert saved[key] == plain(value), (folder, key, saved[key], value)
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline" and index["text_encoder_3"] == [None, None]
+    assert json.loads((model / "scheduler" / "scheduler_config.json").read_text())["shift"] == sd35.SCHEDULER["shift"]
+
+
 def check(out: Path, cell) -> None:
+    from safetensors.torch import load_file
+
     from examples.dpdmd.pipeline import evaluate_export
 
     out = Path(out)
     results = json.loads((out / "results.json").read_text())
     metrics = results["metrics"]
+    released_configs(Path(results["model"]))
+    exported = load_file(str(out / "export" / "student_transformer" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in exported.values()} == {torch.float32}  # the master weights, not the bf16 teacher's
     redone = evaluate_export(out, cell.precision)
     assert redone == {k: metrics[k] for k in redone}, (redone, metrics)
     rows = json.loads((out / "log.json").read_text())
