@@ -9,9 +9,9 @@ One *step* is one iteration of the TTUR schedule, which in DP-DMD's 'alternate' 
 update (the fake score's or the student's): ``--max-steps`` and ``ckpt_every`` count both. Every ``ckpt_every``
 steps: a sample grid, the diversity metric (1 - mean pairwise cosine of image embeddings of N seeds per prompt)
 and a checkpoint (examples/common/checkpoint.py: models, optimizers, every RNG, the log rows); the last step is
-evaluated too, and exported rather than checkpointed; ``--max-steps N`` checkpoints at N and stops. The student is exported once, at the end, as a diffusers folder
-(``<out>/export/student_transformer``) that StableDiffusion3Pipeline loads in place of ``transformer``
-(4 steps, guidance_scale 1.0).
+evaluated too, and exported rather than checkpointed; ``--max-steps N`` checkpoints at N and stops. The student
+is exported once, at the end, as a diffusers folder (``<out>/export/student_transformer``) that
+StableDiffusion3Pipeline loads in place of ``transformer`` (4 steps, guidance_scale 1.0).
 
 Randomness: the models come from the weights (no random init); each rank draws its noise and DMD timesteps from
 its own stream (``noise_per_rank``; examples/common/seeding.py), prompts are dealt to the ranks by a permutation

@@ -4,10 +4,6 @@ straight and resumed) are the conformance case (conformance_dpdmd.py); the FSDP 
 from __future__ import annotations
 
 import csv
-import json
-import os
-import socket
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
