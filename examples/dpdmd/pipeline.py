@@ -194,37 +194,43 @@ def _inner(module):
 
 
 @torch.no_grad()
-def evaluate(generator, pipe, embedder, prompts: List[str], p: SD3Preset, accelerator,
+def evaluate(generator, pipe, embedder, prompts: List[str], p: SD3Preset, accelerator=None,
              grid_path: Optional[Path] = None) -> Dict[str, float]:
     """N = eval_images_per_prompt images per prompt (image seeds 0..N-1, 4 steps, no CFG); per prompt
     1 - mean pairwise cosine of their embeddings, averaged over prompts; the mean and std of all images' pixels.
     Each prompt is evaluated by one rank (prompt i on rank i mod world), the per-prompt values gathered and
     reduced in prompt order, so the numbers do not depend on the process count. The ranks run equally many
-    generator forwards (padding prompts, dropped): under FSDP every forward is a collective."""
+    generator forwards (padding prompts, dropped): under FSDP every forward is a collective. Without an
+    accelerator: one process on the pipeline's device."""
     from torchvision.utils import save_image
 
-    world, rank, n = accelerator.num_processes, accelerator.process_index, p.eval_images_per_prompt
+    n = p.eval_images_per_prompt
+    world, rank = (1, 0) if accelerator is None else (accelerator.num_processes, accelerator.process_index)
+    device = pipe.transformer.device if accelerator is None else accelerator.device
+    is_main = accelerator is None or accelerator.is_main_process
     encoder = PromptEncoder.from_pipeline(pipe, p.max_sequence_length)
     rows, grid = [], []
     for i in range(math.ceil(len(prompts) / world)):
         index = i * world + rank
         cond, _ = encode_prompts(encoder, [prompts[index % len(prompts)]] * n)
         noise = torch.cat([torch.randn(latent_shape(pipe, 1, p.resolution), generator=torch.Generator().manual_seed(s))
-                           for s in range(n)]).to(accelerator.device)
+                           for s in range(n)]).to(device)
         images = VAECodec(pipe.vae).to_images(generator(noise, cond).sample).float()
         div = 1 - mean_pairwise_cosine(embedder(images)) if embedder is not None else torch.tensor(float("nan"))
         rows.append(torch.tensor([float(index), float(index < len(prompts)), float(div), images.double().mean(),
                                   images.double().square().mean()], dtype=torch.float64))
         if index < len(prompts) and len(grid) < 4:
             grid.append(images.cpu())
-    values = accelerator.gather(torch.stack(rows).to(accelerator.device)).cpu()
+    values = torch.stack(rows)
+    if accelerator is not None:
+        values = accelerator.gather(values.to(device)).cpu()
     values = values[values[:, 1] > 0]
     values = values[values[:, 0].argsort()]  # prompt order: the same sums whatever the process count
     mean, square = float(values[:, 3].mean()), float(values[:, 4].mean())
     result = {"image_mean": mean, "image_std": math.sqrt(max(square - mean * mean, 0.0))}
     if embedder is not None:
         result["diversity"] = float(values[:, 2].mean())
-    if grid_path is not None and accelerator.is_main_process and grid:
+    if grid_path is not None and is_main and grid:
         save_image(torch.cat(grid), grid_path, nrow=n)
     return result
 
@@ -363,9 +369,10 @@ def _mean_over_ranks(accelerator, logs: Dict[str, float]) -> Dict[str, float]:
 
 
 def evaluate_export(out: Path, mixed_precision: str = "no") -> Dict[str, float]:
-    """The last evaluation of a finished run, redone from its exported student (one process): what a user
-    loading ``<out>/export/student_transformer`` with ``from_pretrained`` gets."""
-    from accelerate import Accelerator
+    """The last evaluation of a finished run, redone from its exported student on one process (no process group
+    or accelerator state is created): what a user loading ``<out>/export/student_transformer`` with
+    ``from_pretrained`` gets. Under bf16 the generator runs in bf16 autocast, as the run's prepared generator did
+    (the VAE and the embedder outside it, as in the run)."""
     from diffusers import SD3Transformer2DModel
 
     from .presets import PRESETS
@@ -373,14 +380,15 @@ def evaluate_export(out: Path, mixed_precision: str = "no") -> Dict[str, float]:
     results = json.loads((Path(out) / "results.json").read_text())
     p = replace(PRESETS[results["preset"]], **{k: v for k, v in results["preset_fields"].items()
                                                if k not in ("distill",)})
-    accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
     pipe = load_teacher_pipeline(Path(results["model"]), torch.bfloat16 if p.weights_dtype == "bf16"
                                  else torch.float32)
     student = SD3Transformer2DModel.from_pretrained(Path(out) / results["export"], torch_dtype=torch.float32)
-    generator = accelerator.prepare(FixedGridGenerator(student.eval(), p.student_steps,
-                                                       float(pipe.scheduler.config.shift),
-                                                       p.distill.detach_first_step))
+    generator = FixedGridGenerator(student.eval(), p.student_steps, float(pipe.scheduler.config.shift),
+                                   p.distill.detach_first_step)
+    if mixed_precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+        generator.forward = torch.autocast(pipe.transformer.device.type, dtype=dtype)(generator.forward)
     prompts = read_prompts(Path(results["eval_prompts"])) if results["eval_prompts"] else \
         read_prompts(Path(results["prompts"]))[:p.eval_prompts]
-    embedder = build_embedder(results["diversity_model"] and Path(results["diversity_model"]), accelerator.device)
-    return evaluate(generator, pipe, embedder, prompts, p, accelerator)
+    embedder = build_embedder(results["diversity_model"] and Path(results["diversity_model"]), pipe.transformer.device)
+    return evaluate(generator, pipe, embedder, prompts, p)
