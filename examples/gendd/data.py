@@ -78,31 +78,51 @@ def _missing(what: str, root: Path, expected: str, error: Exception) -> FileNotF
 
 
 def cifar100(root: str) -> Tuple[Dataset, Dataset]:
-    """torchvision's CIFAR100 (python version) from ``root``: random crop 32 (pad 4) + flip for training."""
-    from torchvision import datasets, transforms
+    """CIFAR-100 (python version, ``root/cifar-100-python/``) through torchvision's reader: random crop 32
+    (pad 4) + flip for training."""
+    from torchvision import transforms
 
     normalize = transforms.Normalize(CIFAR_MEAN, CIFAR_STD)
     train_tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                                    transforms.ToTensor(), normalize])
     test_tf = transforms.Compose([transforms.ToTensor(), normalize])
     root = Path(root)
+    reader = _cifar100_reader()
     try:
-        return (datasets.CIFAR100(str(root), train=True, transform=train_tf, download=False),
-                datasets.CIFAR100(str(root), train=False, transform=test_tf, download=False))
+        return (reader(str(root), train=True, transform=train_tf, download=False),
+                reader(str(root), train=False, transform=test_tf, download=False))
     except RuntimeError as e:
         raise _missing("CIFAR-100", root, "the extracted 'cifar-100-python/' folder of the python version", e)
 
 
-def imagenet(root: str, crop_scale: Tuple[float, float] = (0.6, 1.0)) -> Tuple[Dataset, Dataset]:
-    """ImageFolder ``root/train`` (RandomResizedCrop 224 with ``crop_scale`` + flip) and ``root/val``
-    (resize 256, center crop 224)."""
+def _cifar100_reader():
+    """torchvision's CIFAR100 with the md5 of each pickle replaced by an existence check (torchvision's own
+    ``check_integrity`` without a checksum): the files are read the same way, and a copy in the same layout that
+    is not the published archive (re-packed, or the smoke preset's generated one) loads too. A damaged pickle
+    still fails, in ``pickle.load``."""
+    from torchvision import datasets
+
+    class CIFAR100Files(datasets.CIFAR100):
+        train_list = [[name, None] for name, _ in datasets.CIFAR100.train_list]
+        test_list = [[name, None] for name, _ in datasets.CIFAR100.test_list]
+        meta = {**datasets.CIFAR100.meta, "md5": None}
+
+    return CIFAR100Files
+
+
+def imagenet(root: str, crop_scale: Tuple[float, float] = (0.6, 1.0),
+             image_size: int = 224) -> Tuple[Dataset, Dataset]:
+    """ImageFolder ``root/train`` (RandomResizedCrop ``image_size`` with ``crop_scale`` + flip) and ``root/val``
+    (resize to 256/224 of ``image_size``, center crop ``image_size``: 256 and 224 for the paper's runs)."""
     from torchvision import datasets, transforms
 
+    if not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"imagenet: image_size must be an int >= 8, got {image_size!r}")
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(224, scale=tuple(crop_scale)),
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(image_size, scale=tuple(crop_scale)),
                                    transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
-    test_tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-                                  normalize])
+    test_tf = transforms.Compose([transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size),
+                                  transforms.ToTensor(), normalize])
     root = Path(root)
     try:
         return (datasets.ImageFolder(str(root / "train"), train_tf), datasets.ImageFolder(str(root / "val"), test_tf))
@@ -110,7 +130,8 @@ def imagenet(root: str, crop_scale: Tuple[float, float] = (0.6, 1.0)) -> Tuple[D
         raise _missing("ImageNet", root, "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG", e)
 
 
-def datasets_for(dataset: str, data_root: Optional[str], crop_scale=None, limit: Optional[int] = None):
+def datasets_for(dataset: str, data_root: Optional[str], crop_scale=None, limit: Optional[int] = None,
+                 image_size: int = 224):
     if dataset == "digits":
         return digits(limit=limit)
     if data_root is None:
@@ -118,7 +139,7 @@ def datasets_for(dataset: str, data_root: Optional[str], crop_scale=None, limit:
     if dataset == "cifar100":
         train, test = cifar100(data_root)
     elif dataset == "imagenet":
-        train, test = imagenet(data_root, crop_scale or (0.6, 1.0))
+        train, test = imagenet(data_root, crop_scale or (0.6, 1.0), image_size)
     else:
         raise ValueError(f"unknown dataset {dataset!r}")
     if limit:
@@ -127,18 +148,16 @@ def datasets_for(dataset: str, data_root: Optional[str], crop_scale=None, limit:
     return train, test
 
 
-def loaders(train: Dataset, test: Dataset, batch_size: int, seed: int, num_workers: int = 0,
-            eval_batch_size: Optional[int] = None, rank: int = 0, world: int = 1) -> Tuple[DataLoader, DataLoader]:
-    """Training loader over this rank's ``EpochSampler`` share (drop_last: every step sees a full batch) and
-    a sequential test loader. ``batch_size`` is per process. Digits with ``augment`` are shifted per batch.
-    The training loader is not handed to accelerate: it is already sharded, and it loads a batch only when
-    the step asks for it (accelerate's loader fetches one batch ahead, so a checkpoint taken inside an epoch
-    would hold RNG states past the next batch's augmentation). Its own generator seeds the worker processes,
-    so creating an iterator does not draw from the training RNG."""
-    kw = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+def train_loader(train: Dataset, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0,
+                 world: int = 1) -> DataLoader:
+    """The training loader over this rank's ``EpochSampler`` share (drop_last: every step sees a full batch);
+    ``batch_size`` is per process. Digits with ``augment`` are shifted per batch.
+    It is not handed to accelerate: it is already sharded, and it loads a batch only when the step asks for it
+    (accelerate's loader fetches one batch ahead, so a checkpoint taken inside an epoch would hold RNG states
+    past the next batch's augmentation). Its own generator seeds the worker processes, so creating an iterator
+    does not draw from the training RNG. Test sets are read by ``evaluate.accuracies``."""
     collate = ShiftCollate() if getattr(train, "augment", False) else None
-    train_loader = DataLoader(train, batch_size=batch_size, sampler=EpochSampler(len(train), seed, rank, world),
-                              drop_last=True, collate_fn=collate, generator=torch.Generator().manual_seed(seed),
-                              **kw)
-    test_loader = DataLoader(test, batch_size=eval_batch_size or batch_size, shuffle=False, **kw)
-    return train_loader, test_loader
+    return DataLoader(train, batch_size=batch_size, sampler=EpochSampler(len(train), seed, rank, world),
+                      drop_last=True, collate_fn=collate, generator=torch.Generator().manual_seed(seed),
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0)

@@ -4,8 +4,10 @@
   per-iteration beta2 ramp, accelerate for devices / DDP / mixed precision, tqdm, one log row per epoch).
   A checkpoint (``examples.common.checkpoint``) is written after every epoch, and at ``--max-steps`` (a
   global optimizer-step count over all stages of the run), where the run then stops (``StopRun``).
-* ``run_distill`` (CIFAR-100 / ImageNet presets): frozen teacher from ``--teacher-ckpt``, stage 1, stage 2
-  (GenDD), optional linear probe; final sampling and probe accuracies. The tiny CPU experiment is ``tiny.py``.
+* ``run_distill`` (CIFAR-100 / ImageNet presets and their smoke cuts): frozen teacher from ``--teacher-ckpt``,
+  stage 1, stage 2 (GenDD), optional linear probe; ``results.json``'s ``metrics`` (final accuracies and losses
+  of every stage) and ``export/`` (``export.py``), written once by the main process. The tiny CPU experiment
+  is ``tiny.py``.
 
 Randomness: models are built from a seed shared by every rank; each stage then trains from the rank's own
 stream (``examples.common.seeding``): the global generators (augmentation) and a generator the stage owns for
@@ -16,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -31,6 +33,7 @@ from ..common.seeding import rank_generator, seed_rank_stream, seed_shared
 from ..common.tables import markdown_table
 from . import data, models
 from .evaluate import evaluate_classifier, evaluate_gendd
+from .export import save_gendd
 from .method import (GenDDModel, ProbeModel, Stage1Model, build_gendd_loss, ce_loss, gendd_loss,
                      load_stage1_backbone, stage1_loss)
 from .optim import beta2_at, build_optimizer, build_scheduler, set_beta2
@@ -251,15 +254,6 @@ def summary(row: Dict) -> str:
     return f"[{row['stage']}] epoch {row['epoch']} step {row['step']}: " + ", ".join(parts)
 
 
-def rescale(cfg: StageConfig, epochs: Optional[int]) -> StageConfig:
-    """The same schedule over ``epochs``: warmup and milestones scale proportionally."""
-    if epochs is None or epochs == cfg.epochs:
-        return cfg
-    f = epochs / cfg.epochs
-    return replace(cfg, epochs=epochs, warmup_epochs=round(cfg.warmup_epochs * f),
-                   milestones=tuple(max(1, round(m * f)) for m in cfg.milestones))
-
-
 def per_process_batch(total: int, accelerator) -> int:
     """The per-process share of a total batch size (refused when it does not divide)."""
     if total % accelerator.num_processes:
@@ -267,21 +261,43 @@ def per_process_batch(total: int, accelerator) -> int:
     return total // accelerator.num_processes
 
 
-def gendd_eval(preset: Preset, teacher, test_loader, accelerator, eval_batches, seed: int) -> EvalFn:
+def gendd_evaluation(preset: Preset, seed: int, eval_batches: Optional[int], final: bool = True) -> Dict:
+    """The keyword arguments of ``evaluate_gendd`` of a stage-2 evaluation (the final one: n_s of the preset's
+    final evaluation; the others: its per-epoch n_s); recorded with the export."""
+    return dict(num_steps=preset.eval_steps, cfg_scale=preset.eval_cfg,
+                num_samples=preset.eval_samples if final else preset.val_samples, seed=seed,
+                batch_size=preset.eval_batch_size, max_batches=eval_batches)
+
+
+def gendd_eval(preset: Preset, teacher_fc: nn.Linear, test_set, accelerator, eval_batches, seed: int,
+               quiet: bool = False) -> EvalFn:
     def evaluate(model, epoch: int, final: bool) -> Dict[str, float]:
         sample = final or epoch % max(preset.val_every, 1) == 0
-        return evaluate_gendd(model, teacher, test_loader, num_steps=preset.eval_steps, cfg_scale=preset.eval_cfg,
-                              num_samples=preset.eval_samples if final else preset.val_samples, seed=seed,
-                              sample=sample, accelerator=accelerator, max_batches=eval_batches)
+        return evaluate_gendd(model, teacher_fc, test_set, sample=sample, accelerator=accelerator,
+                              num_workers=preset.num_workers, desc=None if quiet else "sampling evaluation",
+                              **gendd_evaluation(preset, seed, eval_batches, final))
     return evaluate
 
 
-def classifier_eval(test_loader, accelerator, eval_batches, name: str = "acc") -> EvalFn:
-    return lambda model, epoch, final: evaluate_classifier(model, test_loader, name, accelerator, eval_batches)
+def classifier_eval(test_set, preset: Preset, accelerator, eval_batches, name: str = "acc",
+                    quiet: bool = False) -> EvalFn:
+    return lambda model, epoch, final: evaluate_classifier(
+        model, test_set, preset.eval_batch_size, name, accelerator, eval_batches, preset.num_workers,
+        None if quiet else "evaluation")
 
 
 def gendd_step(model, batch, generator, teacher):
     return gendd_loss(model, teacher, batch, generator)
+
+
+FINAL_COLUMNS = ("acc", "acc_sample", "acc_sample_skip", "acc_probe", "loss", "diff", "mse", "vb", "ce", "kd",
+                 "train_acc")
+
+
+def final_row_metrics(prefix: str, row: Dict) -> Dict[str, float]:
+    """``<prefix>_<column>`` of a stage's last log row: its test accuracies and its last epoch's mean training
+    losses (deterministic given the settings; no timings)."""
+    return {f"{prefix}_{k}": float(row[k]) for k in FINAL_COLUMNS if isinstance(row.get(k), (int, float))}
 
 
 def earlier_products(path: Optional[str]) -> Dict[str, Dict]:
@@ -307,6 +323,7 @@ def run_distill(rc: RunConfig, accelerator) -> Dict:
         raise FileNotFoundError(f"--teacher-ckpt {rc.teacher_ckpt}: no such file (the {p.teacher} teacher's weights)")
     run = Run.start(rc, accelerator, f"GenDD {p.name}")
     teacher = models.freeze(models.load(p.teacher, rc.teacher_ckpt, p.num_classes)).to(accelerator.device)
+    teacher_fc = models.classifier(teacher)
     batch = per_process_batch(p.batch_size, accelerator)
     earlier = earlier_products(rc.from_checkpoint)
 
@@ -314,43 +331,48 @@ def run_distill(rc: RunConfig, accelerator) -> Dict:
 
     def loaders_for(cfg: StageConfig):  # the datasets are read once per crop scale (ImageFolder scans are slow)
         if cfg.crop_scale not in cache:
-            cache[cfg.crop_scale] = data.datasets_for(p.dataset, rc.data_root, cfg.crop_scale, rc.data_limit)
-        train_loader, test_loader = data.loaders(*cache[cfg.crop_scale], batch, seed, p.num_workers,
-                                                 rank=accelerator.process_index, world=accelerator.num_processes)
-        return train_loader, accelerator.prepare(test_loader)
+            cache[cfg.crop_scale] = data.datasets_for(p.dataset, rc.data_root, cfg.crop_scale, rc.data_limit,
+                                                      p.image_size)
+        train, test = cache[cfg.crop_scale]
+        return data.train_loader(train, batch, seed, p.num_workers, accelerator.process_index,
+                                 accelerator.num_processes), test
 
     results: Dict[str, object] = {"preset": p.name, "teacher": p.teacher, "student": p.student}
+    metrics: Dict[str, float] = {}
     start = time.perf_counter()
-    _, test_loader = loaders_for(p.stage2)
-    results["teacher_acc"] = evaluate_classifier(teacher, test_loader, "acc", accelerator, rc.eval_batches)["acc"]
-    accelerator.print(f"teacher {p.teacher}: top-1 {results['teacher_acc']:.2f}")
+    _, test_set = loaders_for(p.stage2)
+    metrics["teacher_acc"] = classifier_eval(test_set, p, accelerator, rc.eval_batches, "acc", rc.quiet)(
+        teacher, 0, True)["acc"]
+    accelerator.print(f"teacher {p.teacher}: top-1 {metrics['teacher_acc']:.2f}")
 
     stage1_state = None
     if "stage1" in rc.stages and p.stage1 is not None:
         seed_shared(seed)
         m1 = Stage1Model(models.build(p.student, p.num_classes), teacher)
-        train_loader, test_loader = loaders_for(p.stage1)
+        train_loader, test_set = loaders_for(p.stage1)
         prod = run_stage(run, Stage("stage1", m1, p.stage1, stage1_loss,
-                                    classifier_eval(test_loader, accelerator, rc.eval_batches), train_loader, seed))
-        stage1_state, results["stage1_acc"] = prod["model"], prod["row"].get("acc")
+                                    classifier_eval(test_set, p, accelerator, rc.eval_batches, quiet=rc.quiet),
+                                    train_loader, seed))
+        stage1_state = prod["model"]
+        metrics.update(final_row_metrics("stage1", prod["row"]))
     elif "stage1" in earlier:
         stage1_state = earlier["stage1"]["model"]
 
     seed_shared(seed + 1)
     student = models.build(p.student, p.num_classes)
-    m2 = None
+    m2 = prod2 = None
     if "stage2" in rc.stages:
         if stage1_state is not None:
             info = load_stage1_backbone(student, stage1_state)
             accelerator.print(f"stage 2 starts from the stage-1 backbone (dropped: {info['dropped']}, "
                               f"missing: {info['missing']})")
         m2 = GenDDModel(student, build_gendd_loss(p, student, teacher))
-        train_loader, test_loader = loaders_for(p.stage2)
+        train_loader, test_set = loaders_for(p.stage2)
         prod = run_stage(run, Stage("stage2", m2, p.stage2, functools.partial(gendd_step, teacher=teacher),
-                                    gendd_eval(p, teacher, test_loader, accelerator, rc.eval_batches, seed),
+                                    gendd_eval(p, teacher_fc, test_set, accelerator, rc.eval_batches, seed, rc.quiet),
                                     train_loader, seed + 1))
-        results.update({f"gendd_acc_{k}": prod["row"].get(f"acc_{k}") for k in ("sample", "sample_skip", "probe")})
-        on_main(accelerator, lambda: m2.gendd.head.save_pretrained(Path(rc.out) / "head"))
+        prod2 = prod
+        metrics.update(final_row_metrics("stage2", prod["row"]))
 
     if "probe" in rc.stages and p.probe is not None:
         if m2 is None:  # the probe alone: the student of an earlier stage-2 run
@@ -361,17 +383,27 @@ def run_distill(rc: RunConfig, accelerator) -> Dict:
             m2.load_state_dict(earlier["stage2"]["model"])
         seed_shared(seed + 2)
         probe = ProbeModel(m2.student)
-        train_loader, test_loader = loaders_for(p.stage2)
+        train_loader, test_set = loaders_for(p.stage2)
         prod = run_stage(run, Stage("probe", probe, p.probe, ce_loss,
-                                    classifier_eval(test_loader, accelerator, rc.eval_batches, "acc_probe"),
+                                    classifier_eval(test_set, p, accelerator, rc.eval_batches, "acc_probe", rc.quiet),
                                     train_loader, seed + 2))
-        results["probe_acc"] = prod["row"].get("acc_probe")
+        metrics.update(final_row_metrics("probe", prod["row"]))
 
     run.finished()
-    results["wall_s"] = time.perf_counter() - start
+    if m2 is not None:  # the final student (with the probe stage's fc when that ran), its condition and head
+        # stage 2's last evaluation (of this run, or of the earlier run the probe started from)
+        stage2_row = prod2["row"] if prod2 is not None else earlier["stage2"]["row"]
+        measured = {k: float(stage2_row[k]) for k in ("acc_sample", "acc_sample_skip", "acc_probe")
+                    if isinstance(stage2_row.get(k), (int, float))}
+        if "probe_acc_probe" in metrics:
+            measured["acc_probe"] = metrics["probe_acc_probe"]
+        on_main(accelerator, lambda: save_gendd(Path(rc.out) / "export", m2, teacher_fc, student=p.student,
+                                                num_classes=p.num_classes, measured=measured,
+                                                evaluation=gendd_evaluation(p, seed, rc.eval_batches)))
+    results.update(metrics=metrics, wall_s=time.perf_counter() - start)
     write_results(rc.out, results, accelerator.is_main_process)
     if accelerator.is_main_process:
-        table = [(k, v) for k, v in results.items() if isinstance(v, float)]
+        table = [(k, v) for k, v in metrics.items()]
         (Path(rc.out) / "results.md").write_text(f"# GenDD {p.name}: {p.teacher} -> {p.student}\n\n"
                                                  + markdown_table(["metric", "value"], table))
     return results

@@ -1,7 +1,10 @@
 """Hyperparameters of the GenDD runs (docs/methods/gendd.md §4), one ``Preset`` per teacher/student pair.
 
 CIFAR-100 and ImageNet values follow the released scripts; ``tiny`` is a CPU-sized setting on
-scikit-learn's digits used to compare cross-entropy, classic KD and GenDD under one budget.
+scikit-learn's digits used to compare cross-entropy, classic KD and GenDD under one budget. ``smoke`` (the
+ImageNet pair ``r34_r18``) and ``smoke_cifar`` (the CIFAR pair ``res56_res20``) run those presets' code path
+in seconds on CPU, on the fixtures ``smoke.py`` writes: the same models, loaders and stages, with less data,
+fewer epochs and steps, small images and a narrower head (each cut is listed at the preset).
 """
 from __future__ import annotations
 
@@ -69,12 +72,23 @@ class Preset:
     kd_temperature: float = 4.0
     kd_alpha: float = 0.9                   # weight of the KD term; 1 - alpha on the cross-entropy
     num_workers: int = 8
+    image_size: int = 224                   # ImageNet crop (evaluation: resize to 256/224 of it, center crop)
+    eval_batch_size: int = 64               # test images per evaluation batch, whatever the process count
 
     def with_overrides(self, **changes) -> "Preset":
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def rescale(cfg: StageConfig, epochs: Optional[int]) -> StageConfig:
+    """The same schedule over ``epochs``: warmup and milestones scale proportionally."""
+    if epochs is None or epochs == cfg.epochs:
+        return cfg
+    f = epochs / cfg.epochs
+    return replace(cfg, epochs=epochs, warmup_epochs=round(cfg.warmup_epochs * f),
+                   milestones=tuple(max(1, round(m * f)) for m in cfg.milestones))
 
 
 # ------------------------------------------------------------------------------------------- CIFAR-100
@@ -131,8 +145,29 @@ def _build() -> Dict[str, Preset]:
                              num_classes=10, batch_size=64, stage2=TINY_STAGE, teacher_stage=TINY_TEACHER,
                              probe=TINY_PROBE, stages=("stage2", "probe"), contraction=0.9, batch_mul=10,
                              head_width=128, head_depth=3, eval_steps=20, eval_samples=5, val_samples=1,
-                             val_every=10, num_workers=0)
+                             val_every=10, num_workers=0, eval_batch_size=512)
+    presets.update(_smoke(presets))
     return presets
+
+
+def _smoke(presets: Dict[str, Preset]) -> Dict[str, Preset]:
+    """The paper presets, cut to seconds on CPU. Kept: the models' architectures (torchvision ResNet-34 ->
+    ResNet-18; RepDistiller's resnet56 -> resnet20), the loaders, stages, optimisers, schedules' shapes, lambda,
+    R, token size, head depth, CFG scale, mixup and CFG dropout. Cut: the classes (4 ImageNet, 10 CIFAR: the
+    final layers have that many rows, so that the accuracies of a random teacher and a few steps are not all
+    zero), the data (generated: 8 training and 4 validation images per ImageNet class; 64 / 32 CIFAR images), the epochs
+    (stage 1: 1, stage 2: 2; warmup and milestones rescaled), the batch (8 / 16), the ImageNet crop (32 px
+    instead of 224), the head width (256 instead of 1024: its checkpoints stay small), the sampling steps
+    (4 instead of 64 / 100) and samples per image (n_s 2 instead of 5), loader workers (0)."""
+    cut = dict(head_width=256, eval_steps=4, eval_samples=2, val_samples=1, val_every=1, num_workers=0)
+    imagenet, cifar = presets["r34_r18"], presets["res56_res20"]
+    smoke = imagenet.with_overrides(name="smoke", num_classes=4, batch_size=8, image_size=32, eval_batch_size=8,
+                                    stage1=rescale(imagenet.stage1, 1), stage2=rescale(imagenet.stage2, 2),
+                                    probe=rescale(imagenet.probe, 1), **cut)
+    smoke_cifar = cifar.with_overrides(name="smoke_cifar", num_classes=10, batch_size=16, eval_batch_size=16,
+                                       stage1=rescale(cifar.stage1, 1), stage2=rescale(cifar.stage2, 2),
+                                       probe=rescale(cifar.probe, 1), **cut)
+    return {"smoke": smoke, "smoke_cifar": smoke_cifar}
 
 
 PRESETS: Dict[str, Preset] = _build()

@@ -6,15 +6,18 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from ..common.main_process import on_main
 from ..common.runlog import write_results
 from ..common.seeding import seed_shared
 from ..common.tables import markdown_table
 from . import data, models
-from .evaluate import evaluate_classifier
+from .export import save_gendd
 from .method import GenDDModel, ProbeModel, build_gendd_loss, ce_loss, kd_loss
-from .pipeline import Run, RunConfig, Stage, classifier_eval, gendd_eval, gendd_step, per_process_batch, run_stage
+from .pipeline import (Run, RunConfig, Stage, classifier_eval, gendd_eval, gendd_evaluation, gendd_step,
+                       per_process_batch, run_stage)
 
 METHODS = ("ce", "kd", "gendd")
 TABLE_ROWS = (("teacher (CE)", "teacher"),
@@ -33,9 +36,8 @@ def run_tiny(rc: RunConfig, accelerator) -> Dict:
     start = time.perf_counter()
     for seed in rc.seeds:
         train, test = data.digits(limit=rc.data_limit)
-        train_loader, test_loader = data.loaders(train, test, per_process_batch(p.batch_size, accelerator), seed,
-                                                 p.num_workers, eval_batch_size=512, rank=rank, world=world)
-        test_loader = accelerator.prepare(test_loader)
+        train_loader = data.train_loader(train, per_process_batch(p.batch_size, accelerator), seed, p.num_workers,
+                                         rank, world)
         accs: Dict[str, float] = {}
         extra = {"seed": seed}
 
@@ -45,10 +47,11 @@ def run_tiny(rc: RunConfig, accelerator) -> Dict:
         else:
             teacher = models.build(p.teacher, p.num_classes)
             run_stage(run, Stage(f"seed{seed}-teacher", teacher, p.teacher_stage, ce_loss,
-                                 classifier_eval(test_loader, accelerator, rc.eval_batches), train_loader, seed,
-                                 extra, "teacher"))
+                                 classifier_eval(test, p, accelerator, rc.eval_batches, quiet=rc.quiet), train_loader,
+                                 seed, extra, "teacher"))
         teacher = models.freeze(teacher).to(accelerator.device)
-        accs["teacher"] = evaluate_classifier(teacher, test_loader, "acc", accelerator, rc.eval_batches)["acc"]
+        accs["teacher"] = classifier_eval(test, p, accelerator, rc.eval_batches, quiet=rc.quiet)(
+            teacher, 0, True)["acc"]
 
         for method in rc.methods:
             seed_shared(seed + 1000)  # the same student initialisation for the three methods
@@ -56,12 +59,12 @@ def run_tiny(rc: RunConfig, accelerator) -> Dict:
             if method == "gendd":
                 model = GenDDModel(student, build_gendd_loss(p, student, teacher))
                 loss_fn = functools.partial(gendd_step, teacher=teacher)
-                eval_fn = gendd_eval(p, teacher, test_loader, accelerator, rc.eval_batches, seed)
+                eval_fn = gendd_eval(p, models.classifier(teacher), test, accelerator, rc.eval_batches, seed, rc.quiet)
             else:
                 model = student
                 loss_fn = ce_loss if method == "ce" else functools.partial(
                     _kd_step, teacher=teacher, temperature=p.kd_temperature, alpha=p.kd_alpha)
-                eval_fn = classifier_eval(test_loader, accelerator, rc.eval_batches)
+                eval_fn = classifier_eval(test, p, accelerator, rc.eval_batches, quiet=rc.quiet)
             last = run_stage(run, Stage(f"seed{seed}-{method}", model, p.stage2, loss_fn, eval_fn, train_loader,
                                         seed + 1000, extra, method))["row"]
             if method == "gendd":
@@ -72,9 +75,15 @@ def run_tiny(rc: RunConfig, accelerator) -> Dict:
             if method == "gendd" and "probe" in rc.stages and p.probe is not None:
                 seed_shared(seed + 2000)
                 last = run_stage(run, Stage(f"seed{seed}-gendd_probe", ProbeModel(model.student), p.probe, ce_loss,
-                                            classifier_eval(test_loader, accelerator, rc.eval_batches, "acc_probe"),
+                                            classifier_eval(test, p, accelerator, rc.eval_batches, "acc_probe",
+                                                            rc.quiet),
                                             train_loader, seed + 2000, extra, "gendd_probe"))["row"]
                 accs["gendd_probe_stage"] = last.get("acc_probe")
+            if method == "gendd":  # the final GenDD student of this seed (with the probe stage's fc if it ran)
+                on_main(accelerator, lambda: save_gendd(
+                    Path(rc.out) / "export" / f"seed{seed}", model, models.classifier(teacher), student=p.student,
+                    num_classes=p.num_classes, evaluation=gendd_evaluation(p, seed, rc.eval_batches),
+                    measured=_export_measured(accs)))
         per_seed[seed] = accs
         accelerator.print(f"seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in accs.items() if v is not None))
 
@@ -91,6 +100,8 @@ def run_tiny(rc: RunConfig, accelerator) -> Dict:
                          "head_depth": p.head_depth, "eval_steps": p.eval_steps, "eval_samples": p.eval_samples,
                          "eval_cfg": p.eval_cfg}}
     results["summary"] = {key: _mean_std([per_seed[s].get(key) for s in rc.seeds]) for _, key in TABLE_ROWS}
+    results["metrics"] = {f"seed{s}_{key}": value for s in rc.seeds for key, value in per_seed[s].items()
+                          if value is not None}
     write_results(rc.out, results, accelerator.is_main_process)
     if accelerator.is_main_process:
         table = tiny_table(per_seed, rc.seeds)
@@ -105,6 +116,14 @@ def run_tiny(rc: RunConfig, accelerator) -> Dict:
             f"{results['wall_s']:.0f} s.\n")
         accelerator.print("\n" + table)
     return results
+
+
+def _export_measured(accs: Dict[str, Optional[float]]) -> Dict[str, float]:
+    """The exported GenDD student's last evaluation: sampling accuracies of stage 2, the probe accuracy of the
+    last stage that trained its fc."""
+    measured = {"acc_sample": accs.get("gendd_sample"), "acc_sample_skip": accs.get("gendd_sample_skip"),
+                "acc_probe": accs.get("gendd_probe_stage", accs.get("gendd_probe"))}
+    return {k: v for k, v in measured.items() if v is not None}
 
 
 def _kd_step(model, batch, generator, teacher, temperature, alpha):

@@ -1,15 +1,19 @@
 """GenDD (Generative Distribution Distillation) training: stage 1, stage 2 and an optional linear probe.
 
     python examples/gendd/train.py --preset tiny                      # CPU, digits: CE vs KD vs GenDD
+    python examples/gendd/train.py --preset smoke                     # seconds: r34_r18's path on fixtures
+    python examples/gendd/train.py --preset smoke_cifar               # seconds: res56_res20's path on fixtures
     python examples/gendd/train.py --preset res56_res20 --data-root /data/cifar100 \\
         --teacher-ckpt /ckpt/resnet56_vanilla/ckpt_epoch_240.pth
     accelerate launch examples/gendd/train.py --preset r34_r18 --data-root /data/imagenet \\
         --teacher-ckpt /ckpt/resnet34.pth                            # 8 GPUs: 512 = 8 x 64
 
 Outputs go to runs/gendd/<preset>/ (``--out``): log.csv / log.json / log.md (one row per epoch and stage),
-curves.png, results.json / results.md and checkpoints/ (every epoch); ``--max-steps N`` stops after the
-checkpoint at optimizer step N (all stages count), ``--resume`` continues exactly where a run stopped.
-Nothing is downloaded: datasets come from ``--data-root`` and teachers from ``--teacher-ckpt``.
+curves.png, results.json (its "metrics": the final accuracies and losses) / results.md, checkpoints/ (every
+epoch) and export/ (the trained student, condition LayerNorm, head and teacher classifier as safetensors:
+``examples.gendd.export.load_gendd``); ``--max-steps N`` stops after the checkpoint at optimizer step N (all
+stages count), ``--resume`` continues exactly where a run stopped. Nothing is downloaded: datasets come from
+``--data-root`` and teachers from ``--teacher-ckpt`` (the smoke presets write theirs under <out>/smoke_assets/).
 """
 from __future__ import annotations
 
@@ -22,11 +26,13 @@ if __package__ in (None, ""):  # run as a script: make `examples.gendd` importab
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.common.cli import add_run_options, comma_list, example_parser, run_seeds  # noqa: E402
-from examples.gendd.pipeline import RunConfig, StopRun, rescale, run_distill  # noqa: E402
-from examples.gendd.presets import PRESETS  # noqa: E402
+from examples.common.main_process import on_main  # noqa: E402
+from examples.gendd import smoke  # noqa: E402
+from examples.gendd.pipeline import RunConfig, StopRun, run_distill  # noqa: E402
+from examples.gendd.presets import PRESETS, rescale  # noqa: E402
 from examples.gendd.tiny import run_tiny  # noqa: E402
 
-SMOKE = dict(epochs=1, steps_per_epoch=2, eval_steps=3, eval_samples=1, eval_batches=1)
+SMOKE_PRESETS = ("smoke", "smoke_cifar")  # their data and teacher come from smoke.py unless given
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,18 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="deterministic kernels (default: on for CPU runs, off on GPU). The head's gathers "
                              "backpropagate with index_put(accumulate) whose multi-threaded CPU kernel adds in "
                              "a racy order: without this, two runs with one seed differ after a few steps")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a few steps per stage (1 epoch, 2 steps, 3 sampling steps, 1 eval batch): for CI")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
     preset = PRESETS[args.preset]
-    if args.smoke:
-        for k, v in SMOKE.items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
     changes = {}
     for arg, field in (("batch_size", "batch_size"), ("batch_mul", "batch_mul"), ("contraction", "contraction"),
                        ("head_width", "head_width"), ("eval_steps", "eval_steps"), ("eval_samples", "eval_samples"),
@@ -84,9 +84,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         stage2 = replace(stage2, lr=args.lr)
     changes["stage2"] = stage2
     if preset.stage1 is not None:
-        changes["stage1"] = rescale(preset.stage1, args.stage1_epochs or (1 if args.smoke else None))
+        changes["stage1"] = rescale(preset.stage1, args.stage1_epochs)
     if preset.probe is not None:
-        changes["probe"] = rescale(preset.probe, args.probe_epochs or (1 if args.smoke else None))
+        changes["probe"] = rescale(preset.probe, args.probe_epochs)
     if preset.teacher_stage is not None:
         changes["teacher_stage"] = rescale(preset.teacher_stage, args.epochs)
     preset = preset.with_overrides(**changes)
@@ -124,6 +124,9 @@ def main(argv=None):
     cpu = args.cpu or not torch.cuda.is_available()
     configure_determinism(cpu if args.deterministic is None else args.deterministic, not cpu)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu)
+    if rc.preset.name in SMOKE_PRESETS and rc.data_root is None and rc.teacher_ckpt is None:
+        data_root, teacher_ckpt = on_main(accelerator, lambda: smoke.build(rc.preset.name, rc.out))
+        rc = replace(rc, data_root=data_root, teacher_ckpt=teacher_ckpt)
     accelerator.print(f"GenDD preset {rc.preset.name} ({rc.preset.dataset}: {rc.preset.teacher} -> "
                       f"{rc.preset.student}) on {accelerator.device} x{accelerator.num_processes}; out {rc.out}")
     try:

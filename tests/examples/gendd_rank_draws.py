@@ -1,4 +1,4 @@
-"""Run under ``torch.distributed.run`` (gloo, CPU): the GenDD tiny smoke run, recording the random choices
+"""Run under ``torch.distributed.run`` (gloo, CPU): a short GenDD tiny run, recording the random choices
 (timesteps, noise, CFG-drop mask, mixup) of every GenDD step on this rank into ``<out>/draws<rank>.pt``.
 Arguments after the first (the output folder) go to ``examples/gendd/train.py``."""
 import os

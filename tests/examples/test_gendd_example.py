@@ -1,5 +1,5 @@
 """examples/gendd: one training step of stage 1 and stage 2 (gradient routing), the beta2 ramp, LR schedules,
-weight-decay groups, exact resume, the evaluation path and the tiny preset end to end (smoke)."""
+weight-decay groups, exact resume, the evaluation path and a short run of the tiny preset end to end."""
 from __future__ import annotations
 
 import json
@@ -179,12 +179,13 @@ def _resume_run(out: Path, accelerator, max_steps=None, resume=False, init_seed=
     preset = SMALL.with_overrides(batch_mul=40)
     model = GenDDModel(student, build_gendd_loss(preset, student, teacher))
     train, test = data.digits(limit=96)
-    train_loader, test_loader = data.loaders(train, test, 16, seed=0)
+    train_loader = data.train_loader(train, 16, seed=0)
     cfg = StageConfig(epochs=3, lr=2e-3, weight_decay=5e-2, schedule="step", warmup_epochs=1, milestones=(2,),
                       beta2_min=0.95)
 
     def evaluate(m, epoch, final):  # sampling evaluation in the loop must not disturb the training RNG
-        return evaluate_gendd(m, teacher, test_loader, num_steps=3, cfg_scale=2.0, num_samples=1, max_batches=1)
+        return evaluate_gendd(m, teacher.fc, test, num_steps=3, cfg_scale=2.0, num_samples=1, batch_size=16,
+                              max_batches=1)
 
     rc = RunConfig(preset=preset, out=out, resume=resume, max_steps=max_steps, quiet=True)
     run = Run.start(rc, accelerator, "resume test")
@@ -253,10 +254,42 @@ def test_evaluation_outputs(accelerator):
     assert torch.equal(skipped.timestep_map, full.timestep_map[:-1]) and int(full.timestep_map.max()) == 999
     assert torch.allclose(skipped.alphas_cumprod, full.alphas_cumprod[:-1])
     _, test = data.digits(limit=12)
-    loader = torch.utils.data.DataLoader(test, batch_size=6)
-    acc = evaluate_gendd(model, teacher, loader, num_steps=3, cfg_scale=2.0, num_samples=1, max_batches=1)
+    acc = evaluate_gendd(model, teacher.fc, test, num_steps=3, cfg_scale=2.0, num_samples=1, batch_size=6,
+                         max_batches=1)
     assert set(acc) == {"acc_probe", "acc_sample", "acc_sample_skip"}
     assert all(0.0 <= v <= 100.0 for v in acc.values())
+    # the sampling noise of a chunk is seeded by (seed, chunk): the same numbers again, another seed differs
+    fn = GenDDLogits(model, teacher.fc, num_steps=3, cfg_scale=2.0, num_samples=2, seed=0)
+    assert torch.equal(fn(x, 3)["acc_sample"], fn(x, 3)["acc_sample"])
+    assert not torch.equal(fn(x, 3)["acc_sample"], fn(x, 4)["acc_sample"])
+
+
+def test_evaluation_does_not_depend_on_the_process_count():
+    """Rank r of w evaluates chunks r, r + w, ...: the per-rank counts of two ranks sum to one process'."""
+    from examples.gendd.evaluate import accuracies
+
+    teacher, student, model = stage2_model()
+    model.eval()
+    _, test = data.digits(limit=40)  # chunks of 7, the last one shorter
+    fn = GenDDLogits(model, teacher.fc, num_steps=3, cfg_scale=2.0, num_samples=1, seed=5)
+
+    class Rank:  # what accuracies reads of an accelerator; the sum over ranks is done below
+        def __init__(self, r):
+            self.process_index, self.num_processes, self.is_local_main_process = r, 2, r == 0
+
+        def reduce(self, t, op):
+            return t
+
+        device = torch.device("cpu")
+
+    one = accuracies(fn, fn.names, test, 7, torch.device("cpu"))
+    halves = [accuracies(fn, fn.names, test, 7, torch.device("cpu"), Rank(r)) for r in (0, 1)]
+    from examples.common.sharded_eval import rank_chunks
+    assert len(test) % 7 and [rank_chunks(test, 7, r, 2)[0] for r in (0, 1)] == [[0, 2, 4], [1, 3, 5]]
+    sizes = [sum(len(b) for b in rank_chunks(test, 7, r, 2)[1].batch_sampler) for r in (0, 1)]
+    assert sum(sizes) == len(test)
+    for name in fn.names:
+        assert one[name] * len(test) == pytest.approx(sum(h[name] * n for h, n in zip(halves, sizes))), name
 
 
 def test_missing_dataset_message(tmp_path):
@@ -268,11 +301,16 @@ def test_missing_dataset_message(tmp_path):
 
 # ------------------------------------------------------------------------------------------- tiny preset
 
-def test_tiny_preset_smoke(tmp_path):
+TINY_SHORT = ["--preset", "tiny", "--epochs", "1", "--probe-epochs", "1", "--steps-per-epoch", "2", "--eval-steps",
+              "3", "--eval-samples", "1", "--eval-batches", "1", "--quiet"]
+
+
+def test_tiny_preset_short_run(tmp_path):
+    from examples.gendd.export import evaluate_export, load_gendd
     from examples.gendd.train import main
 
     out = tmp_path / "tiny"
-    results = main(["--preset", "tiny", "--smoke", "--quiet", "--out", str(out)])
+    results = main(TINY_SHORT + ["--out", str(out)])
     for name in ("results.json", "results.md", "log.csv", "curves.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = read_csv(out / "log.csv")
@@ -284,8 +322,14 @@ def test_tiny_preset_smoke(tmp_path):
     assert "KD" in table and "sampling" in table and "linear probe" in table
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["per_seed"]["0"]) >= {"teacher", "ce", "kd", "gendd_sample", "gendd_probe"}
+    assert saved["metrics"]["seed0_gendd_sample"] == saved["per_seed"]["0"]["gendd_sample"]
+    assert all(isinstance(v, float) for v in saved["metrics"].values())
+    # the exported GenDD student (its fc from the probe stage) reproduces the run's last evaluation
+    exported = load_gendd(out / "export" / "seed0")
+    assert exported.info["measured"]["acc_probe"] == saved["per_seed"]["0"]["gendd_probe_stage"]
+    assert evaluate_export(exported, data.digits()[1]) == exported.info["measured"]
     # resuming a finished run retrains nothing and reports the same accuracies
-    again = main(["--preset", "tiny", "--smoke", "--quiet", "--out", str(out), "--resume"])
+    again = main(TINY_SHORT + ["--out", str(out), "--resume"])
     assert again["per_seed"] == results["per_seed"]
 
 
@@ -311,13 +355,22 @@ def test_distill_pipeline_stages_on_stand_in_data(tmp_path, monkeypatch, acceler
     rc = pipeline.RunConfig(preset=preset, out=out, stages=("stage1", "stage2", "probe"),
                             teacher_ckpt=str(teacher_ckpt), quiet=True)
     results = pipeline.run_distill(rc, accelerator)
-    assert {"teacher_acc", "stage1_acc", "gendd_acc_sample", "gendd_acc_probe", "probe_acc"} <= set(results)
+    assert {"teacher_acc", "stage1_acc", "stage2_acc_sample", "stage2_acc_probe", "probe_acc_probe"} <= set(
+        results["metrics"])
     assert {r["stage"] for r in read_csv(out / "log.csv")} == {"stage1", "stage2", "probe"}
-    assert (out / "curves.png").is_file() and (out / "head" / "config.json").is_file()
+    assert (out / "curves.png").is_file() and (out / "export" / "head" / "config.json").is_file()
     rc2 = pipeline.RunConfig(preset=preset, out=tmp_path / "from_stage1", stages=("stage2",),
                              teacher_ckpt=str(teacher_ckpt), from_checkpoint=str(out / "checkpoints"),
                              quiet=True)
-    assert "gendd_acc_sample" in pipeline.run_distill(rc2, accelerator)
+    assert "stage2_acc_sample" in pipeline.run_distill(rc2, accelerator)["metrics"]
+    # the probe alone, on the student of the first run's stage 2: its export records that stage 2's evaluation
+    rc3 = pipeline.RunConfig(preset=preset, out=tmp_path / "probe_only", stages=("probe",),
+                             teacher_ckpt=str(teacher_ckpt), from_checkpoint=str(out / "checkpoints"), quiet=True)
+    probe_only = pipeline.run_distill(rc3, accelerator)["metrics"]
+    measured = json.loads((tmp_path / "probe_only" / "export" / "gendd.json").read_text())["measured"]
+    assert measured == {"acc_sample": results["metrics"]["stage2_acc_sample"],
+                        "acc_sample_skip": results["metrics"]["stage2_acc_sample_skip"],
+                        "acc_probe": probe_only["probe_acc_probe"]}
 
 
 def replace_cfg(cfg, **changes):
@@ -345,6 +398,90 @@ def test_distill_pipeline_with_zoo_classifiers(tmp_path, monkeypatch, accelerato
         probe=replace_cfg(PRESETS["tiny"].probe, epochs=1))
     rc = pipeline.RunConfig(preset=preset, out=tmp_path / "zoo", stages=("stage1", "stage2", "probe"),
                             teacher_ckpt=str(path), steps_per_epoch=1, eval_batches=1, quiet=True)
-    results = pipeline.run_distill(rc, accelerator)
-    assert all(isinstance(results[k], float) for k in ("teacher_acc", "stage1_acc", "gendd_acc_sample",
-                                                       "gendd_acc_probe", "probe_acc"))
+    metrics = pipeline.run_distill(rc, accelerator)["metrics"]
+    assert all(isinstance(metrics[k], float) for k in ("teacher_acc", "stage1_acc", "stage2_acc_sample",
+                                                       "stage2_acc_probe", "probe_acc_probe"))
+
+
+# ------------------------------------------------------------------------------------------- smoke presets
+
+def test_smoke_fixtures_are_the_real_layouts(tmp_path):
+    """The smoke presets' files are what a user's real data and teachers look like on disk, read by the
+    loaders a real run uses; they are the same bytes every time and reused once complete."""
+    import pickle
+
+    from torchvision import datasets
+    from torchvision.models import resnet34
+
+    from ddg_models.classifiers import load_classifier
+    from examples.gendd import smoke
+
+    cifar_root, cifar_teacher = smoke.build("smoke_cifar", tmp_path / "a")
+    pickles = Path(cifar_root) / "cifar-100-python"
+    entry = pickle.load(open(pickles / "train", "rb"), encoding="latin1")
+    assert entry["data"].dtype.name == "uint8" and entry["data"].shape == (64, 3072)
+    assert {"fine_labels", "coarse_labels", "filenames", "batch_label"} <= set(entry)
+    with pytest.raises(RuntimeError, match="corrupted"):  # torchvision's stock reader wants the archive's md5
+        datasets.CIFAR100(cifar_root, train=True, download=False)
+    train, test = data.cifar100(cifar_root)
+    assert len(train) == 64 and len(test) == 32 and len(train.classes) == 100
+    assert train[0][0].shape == (3, 32, 32) and max(train.targets) < PRESETS["smoke_cifar"].num_classes
+    saved = torch.load(cifar_teacher, weights_only=True)  # RepDistiller's ckpt_epoch_240.pth format
+    assert set(saved) == {"epoch", "model", "accuracy", "optimizer"} and saved["epoch"] == 240
+    assert load_classifier("resnet56", cifar_teacher).fc.out_features == PRESETS["smoke_cifar"].num_classes
+
+    image_root, image_teacher = smoke.build("smoke", tmp_path / "a")
+    train, test = data.imagenet(image_root, image_size=PRESETS["smoke"].image_size)
+    assert train.classes == list(smoke.IMAGENET_WNIDS) and len(train) == 32 and len(test) == 16
+    assert test[0][0].shape == (3, 32, 32) and Path(train.samples[0][0]).suffix == ".JPEG"
+    state = torch.load(image_teacher, weights_only=True)  # a plain state dict, as torchvision's weight files
+    resnet34(num_classes=PRESETS["smoke"].num_classes).load_state_dict(state)
+    assert load_classifier("resnet34", image_teacher).fc.out_features == PRESETS["smoke"].num_classes
+
+    stamp = (pickles / "train").stat().st_mtime_ns
+    assert smoke.build("smoke_cifar", tmp_path / "a") == (cifar_root, cifar_teacher)
+    assert (pickles / "train").stat().st_mtime_ns == stamp  # reused, not rewritten
+    again, _ = smoke.build("smoke_cifar", tmp_path / "b")
+    for name in ("train", "test", "meta"):
+        assert (Path(again) / "cifar-100-python" / name).read_bytes() == (pickles / name).read_bytes()
+    other = torch.load(smoke.build("smoke", tmp_path / "b")[1], weights_only=True)
+    assert all(torch.equal(v, other[k]) for k, v in state.items())
+    with pytest.raises(ValueError, match="no fixtures for preset 'tiny'"):
+        smoke.build("tiny", tmp_path)
+
+
+def test_smoke_cifar_preset_run(tmp_path):
+    """--preset smoke_cifar: res56_res20's path (RepDistiller checkpoint, CIFAR-100 pickles, stage 1 and GenDD
+    stage 2); its export reloads and gives the run's last evaluation."""
+    from examples.gendd import smoke
+    from examples.gendd.export import evaluate_export, load_gendd
+    from examples.gendd.train import main
+
+    out = tmp_path / "cifar"
+    results = main(["--preset", "smoke_cifar", "--quiet", "--out", str(out)])
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert metrics == results["metrics"] and all(isinstance(v, float) for v in metrics.values())
+    assert {"teacher_acc", "stage1_acc", "stage2_acc_sample", "stage2_acc_sample_skip", "stage2_acc_probe",
+            "stage2_loss", "stage2_diff"} <= set(metrics)
+    assert [r["stage"] for r in read_csv(out / "log.csv")] == ["stage1", "stage2", "stage2"]
+    exported = load_gendd(out / "export")
+    assert exported.info["measured"] == {k: metrics[f"stage2_{k}"] for k in ("acc_sample", "acc_sample_skip",
+                                                                             "acc_probe")}
+    _, test = data.cifar100(smoke.build("smoke_cifar", out)[0])
+    assert evaluate_export(exported, test) == exported.info["measured"]
+
+
+@pytest.mark.parametrize("smoke, paper", [("smoke", "r34_r18"), ("smoke_cifar", "res56_res20")])
+def test_smoke_presets_are_the_paper_presets_cut(smoke, paper):
+    """Only the listed cuts differ from the paper preset: same models, dataset kind, stages, loss settings and
+    optimisers (the epochs shortened with the schedules' shapes rescaled)."""
+    from examples.gendd.presets import rescale
+
+    cut = {"name", "num_classes", "batch_size", "image_size", "eval_batch_size", "head_width", "eval_steps",
+           "eval_samples", "val_samples", "val_every", "num_workers", "stage1", "stage2", "probe"}
+    s, p = PRESETS[smoke].to_dict(), PRESETS[paper].to_dict()
+    assert {k for k in s if s[k] != p[k]} <= cut
+    assert {k: s[k] for k in s if k not in cut} == {k: p[k] for k in p if k not in cut}
+    for stage in ("stage1", "stage2", "probe"):
+        mine, theirs = getattr(PRESETS[smoke], stage), getattr(PRESETS[paper], stage)
+        assert mine.epochs < theirs.epochs and mine == rescale(theirs, mine.epochs)  # the optimiser, lr, wd, ...
