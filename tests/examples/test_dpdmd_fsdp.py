@@ -34,8 +34,7 @@ def ranks(tmp_path_factory):
     return get
 
 
-# FSDP1 is what accelerate_fsdp.yaml launches; FSDP2 (DTensor parameters) takes the same export code: slow
-@pytest.mark.parametrize("mode", ["fsdp1", pytest.param("fsdp2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", ["fsdp1", "fsdp2"])  # FSDP1: accelerate_fsdp.yaml; FSDP2: DTensor parameters
 def test_fsdp_export_is_the_full_student(mode, ranks):
     rank0, _ = ranks(mode)
     assert "export_error" not in rank0, rank0["export_error"]
