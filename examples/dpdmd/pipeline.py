@@ -244,6 +244,9 @@ def build_embedder(path: Optional[Path], device):
 def prompts_of(step: int, rank: int, world: int, batch: int, prompts: List[str], seed: int) -> List[str]:
     """The prompts of ``rank`` at ``step``: one pass over a permutation of (seed, epoch) per epoch, dealt in
     contiguous blocks of ``batch`` to the ranks (the reference's sharded loader, reshuffled every epoch)."""
+    if not prompts or min(batch, world) < 1 or not 0 <= rank < world or step < 0:
+        raise ValueError(f"prompts_of: expected prompts, batch >= 1, world >= 1, 0 <= rank < world and step >= 0, "
+                         f"got {len(prompts)} prompts, batch {batch}, world {world}, rank {rank}, step {step}")
     per_step = batch * world
     out = []
     for j in range(batch):

@@ -191,6 +191,8 @@ def test_prompt_files_and_the_prompts_of_each_rank(tmp_path):
     assert sorted(epoch) == prompts
     second = [prompts_of(s, r, 2, 1, prompts, 0)[0] for s in range(3, 6) for r in range(2)]
     assert sorted(second) == prompts and second != epoch
+    with pytest.raises(ValueError, match="prompts_of: expected"):
+        prompts_of(0, 2, 2, 1, prompts, 0)
 
 
 def test_bf16_adamw_rounds_away_the_updates_that_fp32_master_weights_keep():
