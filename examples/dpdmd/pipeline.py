@@ -269,11 +269,6 @@ def run(rc: RunConfig, accelerator) -> Dict:
 
     p, out = rc.preset, Path(rc.out)
     world, rank = accelerator.num_processes, accelerator.process_index
-    if rc.quiet:  # the loaders' own bars
-        import diffusers
-        import transformers
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
     teacher_dtype = torch.bfloat16 if p.weights_dtype == "bf16" else torch.float32
     prompts = read_prompts(rc.prompts)
     eval_prompts = read_prompts(rc.eval_prompts) if rc.eval_prompts else prompts[:p.eval_prompts]

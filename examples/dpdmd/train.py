@@ -102,6 +102,11 @@ def main(argv=None):
                             mixed_precision=args.mixed_precision)
         from examples.dpdmd.pipeline import RunConfig, StopRun, check_model_folder, read_prompts, run
         from examples.dpdmd.smoke import build_smoke_assets
+        if args.quiet:  # also the bars of diffusers' and transformers' loaders and savers
+            import diffusers
+            import transformers
+            diffusers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.disable_progress_bar()
         model, prompts, eval_prompts, diversity = (args.pretrained_model, args.prompts, args.eval_prompts,
                                                    args.diversity_model)
         if preset.name != "smoke" and (model is None or prompts is None):
