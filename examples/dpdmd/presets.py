@@ -1,9 +1,10 @@
 """Hyperparameters of the DP-DMD runs: ``sd35m`` follows the released script (docs/methods/dpdmd.md §2.6);
-``tiny`` is the 2-D CPU comparison of DMD and DP-DMD."""
+``smoke`` runs its code path on CPU (SD3.5-Medium configs, depth cut); ``tiny`` is the 2-D CPU comparison of DMD and
+DP-DMD."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Optional
 
 from .method import DistillConfig
 
@@ -42,6 +43,9 @@ class ToyPreset:
 
 @dataclass(frozen=True)
 class SD3Preset:
+    """One run of the SD3 pipeline. A *step* is one iteration of the TTUR schedule; with 'alternate' (DP-DMD)
+    every iteration is exactly one optimizer update, of the fake score or of the student, so ``--max-steps`` and
+    ``ckpt_every`` count generator + fake updates."""
     name: str
     resolution: int = 1024
     batch_size: int = 4                # per process (x 8 GPUs = 32)
@@ -49,13 +53,19 @@ class SD3Preset:
     lr_fake: float = 1e-5
     student_steps: int = 4
     max_sequence_length: int = 256
-    weights_dtype: str = "bf16"        # the reference loads all three transformers in bf16 (AdamW on bf16)
+    # The frozen teacher pipeline's weights. Student and fake score always keep fp32 master weights and fp32
+    # AdamW states, bf16 compute coming from --mixed-precision bf16 (accelerate >= 0.30; README, precision).
+    weights_dtype: str = "bf16"
     per_sample_timesteps: bool = False
     epochs: int = 1
-    ckpt_every: int = 100
+    iterations: Optional[int] = None   # steps of the run; None: epochs x prompts / global batch
+    ckpt_every: int = 100              # steps between evaluation + checkpoint (and an evaluation at the end)
     eval_images_per_prompt: int = 9
     eval_prompts: int = 99
     seed: int = 42
+    # Noise and DMD timesteps: each rank its own stream (examples/common/seeding.py); False: one stream shared by
+    # every rank, as the reference draws them.
+    noise_per_rank: bool = True
     gradient_checkpointing: bool = True
     distill: DistillConfig = field(default_factory=DistillConfig)
 
@@ -65,10 +75,13 @@ PRESETS: Dict[str, object] = {
     # run_train_sd35.sh: t30 teacher, CFG 3.5, 4 NFE, TTUR 5, anchor k = 10 (the released weights: k = 5).
     "sd35m": SD3Preset(name="sd35m"),
     "sd35m_anchor5": SD3Preset(name="sd35m_anchor5", distill=DistillConfig(anchor_steps=5)),
-    # The real pipeline end to end on a tiny SD3 model (CPU smoke test, CI).
-    # 6 prompts x 2 epochs at batch 2 = 6 iterations: 2 generator updates at TTUR 2.
-    "sd3_smoke": SD3Preset(name="sd3_smoke", resolution=32, batch_size=2, max_sequence_length=8, epochs=2,
-                           weights_dtype="fp32", ckpt_every=3, eval_images_per_prompt=3, eval_prompts=2,
-                           gradient_checkpointing=False, lr_generator=1e-4, lr_fake=1e-4,
-                           distill=DistillConfig(anchor_steps=2, teacher_steps=4, fake_per_generator=2)),
+    # The sd35m code path on CPU: the launch's dtypes (bf16 teacher weights; run it with --mixed-precision bf16),
+    # SD3.5-Medium's architecture with one block (smoke.py), 64 px images, 4 steps at TTUR 1 (fake, student,
+    # fake, student): an evaluation + checkpoint at step 3 (a checkpoint is 2.1 GB: two fp32 transformers and
+    # their AdamW states), the final evaluation at step 4, so a resumed run's last update is a student update
+    # from the restored student, fake score and AdamW states.
+    "smoke": SD3Preset(name="smoke", resolution=64, batch_size=1, max_sequence_length=8, iterations=4,
+                       ckpt_every=3, eval_images_per_prompt=2, eval_prompts=2, seed=0, gradient_checkpointing=False,
+                       lr_generator=1e-4, lr_fake=1e-4,
+                       distill=DistillConfig(anchor_steps=2, teacher_steps=4, fake_per_generator=1)),
 }

@@ -20,10 +20,10 @@ import torch
 from ddg_losses import FlowMatchingNoise
 from ddg_models import FewStepGenerator, GuidedTeacher, shifted_flow_sigmas
 
+from ..common import checkpoint
 from ..common.rng import atomic_save
 from ..common.sample_metrics import energy_distance, mean_pairwise_distance, nearest_center_counts
 from ..common.tables import markdown_table, write_json
-from . import checkpoint
 from .method import Distiller
 from .presets import ToyPreset
 from .toy_data import RingMixture
@@ -142,14 +142,16 @@ def initial_student(p: ToyPreset, teacher_net: VelocityMLP, data: RingMixture) -
 
 
 def distill(method: str, p: ToyPreset, teacher_net: VelocityMLP, data: RingMixture, reference, paired, out: Path,
-            resume: bool, quiet: bool, cpu: bool) -> Dict:
-    """Train one student (initial weights: ``initial_student``); resumable from out/<method>/checkpoint. ``paired``: the
-    teacher's samples from the noises of the final evaluation (seed + 200)."""
+            resume: bool, quiet: bool, cpu: bool, mixed_precision: str = "no") -> Dict:
+    """Train one student (initial weights: ``initial_student``); checkpoints in out/<method>/checkpoints
+    (examples/common/checkpoint.py, one stage named after the method), resumable. ``paired``: the teacher's samples
+    from the noises of the final evaluation (seed + 200)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     config = replace(p.distill, **METHODS[method])
-    accelerator = Accelerator(cpu=cpu)  # one per student: its save_state holds this student's modules only
+    # one per student: its save_state holds this student's modules only
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
     torch.manual_seed(p.seed)
     teacher = GuidedTeacher(copy.deepcopy(teacher_net), "velocity", config.guidance_scale).to(accelerator.device)
     # The fake score starts from the teacher's weights (as in DP-DMD); the student from p.student_init.
@@ -162,13 +164,16 @@ def distill(method: str, p: ToyPreset, teacher_net: VelocityMLP, data: RingMixtu
     schedule = FlowMatchingNoise(shifted_flow_sigmas(1000, config.shift)[:-1], per_sample=p.per_sample_timesteps)
     distiller = Distiller(config, accelerator, generator, teacher, fake, gen_opt, fake_opt, schedule, schedule)
 
-    run_dir = out / method
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = (checkpoint.load(accelerator, run_dir / "checkpoint") if resume else None) or \
-        {"iteration": 0, "rows": [], "seconds": 0.0}
+    root = out / method / "checkpoints"
+    # --iterations is where a run stops, so a run resumed with more iterations continues the same one
+    settings = {"preset": {k: v for k, v in asdict(p).items() if k != "iterations"}, "method": method,
+                "mixed_precision": mixed_precision}
     gen = torch.Generator().manual_seed(p.seed + 1)  # noise and labels: identical streams for every method
-    for _ in range(state["iteration"]):  # replay the data stream to the resumed iteration
-        torch.randint(0, data.num_conditions, (p.batch,), generator=gen), torch.randn(p.batch, 2, generator=gen)
+    state = {"iteration": 0, "rows": [], "seconds": 0.0, "products": {}}
+    ckpt = checkpoint.latest(root, settings) if resume else None
+    if ckpt is not None:
+        checkpoint.load(ckpt, accelerator, method, {"data": gen})
+        state = ckpt.state
     start = time.perf_counter() - state["seconds"]
     for it in tqdm(range(state["iteration"], p.iterations), desc=method, disable=quiet):
         labels = torch.randint(0, data.num_conditions, (p.batch,), generator=gen)
@@ -182,7 +187,8 @@ def distill(method: str, p: ToyPreset, teacher_net: VelocityMLP, data: RingMixtu
                                   **_mean(metrics)})
         if (it + 1) % p.ckpt_every == 0 or it + 1 == p.iterations:
             state.update(iteration=it + 1, seconds=time.perf_counter() - start)
-            checkpoint.save(accelerator, run_dir / "checkpoint", state)
+            checkpoint.save(root, accelerator, stage=method, step=it + 1, settings=settings, state=state,
+                            generators={"data": gen})
     with torch.no_grad():
         samples = _sample_each_condition(lambda z, c, u: generator(z, c).sample, data, p.eval_samples, p.seed + 200)
         many = _sample_each_condition(lambda z, c, u: generator(z, c).sample, data, p.mass_samples, p.seed + 400)
@@ -217,17 +223,18 @@ def scatter_plot(path: Path, panels: Dict[str, List[torch.Tensor]], data: RingMi
     plt.close(fig)
 
 
-def run_tiny(p: ToyPreset, out: Path, methods, resume: bool = False, quiet: bool = False, cpu: bool = True) -> Dict:
+def run_tiny(p: ToyPreset, out: Path, methods, resume: bool = False, quiet: bool = False, cpu: bool = True,
+             mixed_precision: str = "no") -> Dict:
     # Matrices of 256 x 128: intra-op threads only add synchronisation (measured: 5x slower on a busy 2-core box).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run_tiny(p, out, methods, resume, quiet, cpu)
+        return _run_tiny(p, out, methods, resume, quiet, cpu, mixed_precision)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_tiny(p: ToyPreset, out: Path, methods, resume: bool, quiet: bool, cpu: bool) -> Dict:
+def _run_tiny(p: ToyPreset, out: Path, methods, resume: bool, quiet: bool, cpu: bool, mixed_precision: str) -> Dict:
     out.mkdir(parents=True, exist_ok=True)
     data = RingMixture(p.num_conditions, p.modes_per_condition, p.radius, p.std, p.mode_decay)
     t0 = time.perf_counter()
@@ -255,7 +262,8 @@ def _run_tiny(p: ToyPreset, out: Path, methods, resume: bool, quiet: bool, cpu: 
                                "mode_mass": mode_mass(_sample_each_condition(sample_init, data, p.mass_samples,
                                                                              p.seed + 400), data)}
     for method in methods:
-        res = distill(method, p, teacher_net, data, reference, panels["teacher (30 steps)"], out, resume, quiet, cpu)
+        res = distill(method, p, teacher_net, data, reference, panels["teacher (30 steps)"], out, resume, quiet, cpu,
+                      mixed_precision)
         panels[f"{method} (4 steps)"] = res.pop("samples")
         results[method] = res
     scatter_plot(out / "scatter.png", panels, data)
