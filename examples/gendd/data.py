@@ -6,35 +6,13 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from ..common.digits import digits_split
+from ..common.epoch_sampler import EpochSampler
 
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class EpochSampler(Sampler):
-    """This rank's share of a random permutation per epoch, drawn from ``seed`` and the epoch only
-    (``set_epoch``), so an epoch's order does not depend on what ran before it. Rank r of ``world`` takes
-    every world-th index from r (all ranks get equally many); ``set_epoch(e, start)`` skips the first ``start``
-    of them without loading them (a resume in the middle of an epoch)."""
-
-    def __init__(self, size: int, seed: int = 0, rank: int = 0, world: int = 1):
-        if not 0 <= rank < world:
-            raise ValueError(f"EpochSampler: rank must be in [0, {world}), got {rank}")
-        self.size, self.seed, self.rank, self.world, self.epoch, self.start = size, seed, rank, world, 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g)[:self.size // self.world * self.world]
-        return iter(order[self.rank::self.world][self.start:].tolist())
-
-    def __len__(self) -> int:
-        return self.size // self.world - self.start
 
 
 class DigitsDataset(Dataset):
