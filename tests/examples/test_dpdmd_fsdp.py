@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 for _module in ("accelerate", "diffusers", "transformers"):
     pytest.importorskip(_module)

@@ -190,7 +190,6 @@ def test_train_mode_scores_against_stats_before_the_forward(resnet):
     model = copy.deepcopy(resnet).double().train()
     untouched = copy.deepcopy(model)
     names = bn_names(model)
-    ones = {n: 1.0 for n in names}
     image = _image(torch.float64)
 
     # Reference: DeepInversion's R_l on each BN input, against explicit copies of the stats taken before the forward.
