@@ -37,6 +37,7 @@ from ..common.domainbed import seed_hash, source_environments
 from ..common.main_process import on_main
 from ..common.runlog import RunLog, write_results
 from ..common.seeding import rank_generator, seed_rank_stream, seed_shared
+from ..common.staged_run import StagedRun as Run, StopRun
 from . import report
 from .data import Environments, SourceBatches, eval_loader, load_environments, per_process_batch
 from .export import export_student
@@ -81,46 +82,9 @@ class RunConfig:
                 "teachers_per_run": self.teachers_per_run, "mixed_precision": self.mixed_precision}
 
 
-class StopRun(Exception):
-    """Raised right after the checkpoint at ``--max-steps``."""
-
-
-@dataclass
-class Run:
-    """What every stage shares: the accelerator, the global step, the log, the checkpoint to resume from
-    (consumed by the stage that wrote it) and the products of finished stages and combinations."""
-    rc: RunConfig
-    accelerator: object
-    log: RunLog
-    step: int = 0
-    resume_from: Optional[checkpoint.Checkpoint] = None
-    products: Dict[str, Dict] = field(default_factory=dict)
-
-    @classmethod
-    def start(cls, rc: RunConfig, accelerator) -> "Run":
-        log = RunLog(rc.out, accelerator.is_main_process, COLUMNS, x="step", panels=PANELS,
-                     title=f"DDG {rc.preset.name}")
-        run = cls(rc, accelerator, log)
-        if rc.resume:
-            ckpt = checkpoint.latest(run.ckpt_root, rc.settings(), accelerator.num_processes)
-            if ckpt is None:
-                accelerator.print(f"--resume: no checkpoint in {run.ckpt_root}; starting from the beginning")
-            else:
-                run.resume_from, run.step = ckpt, ckpt.step
-                run.products = dict(ckpt.state["products"])
-                log.restore(ckpt.state["rows"])
-                accelerator.print(f"resuming from {ckpt.path} (stage {ckpt.stage}, step {ckpt.step})")
-        return run
-
-    @property
-    def ckpt_root(self) -> Path:
-        return Path(self.rc.out) / "checkpoints"
-
-    def finished(self) -> None:
-        self.log.close()
-        if self.resume_from is not None:
-            raise RuntimeError(f"--resume: no stage of this run is named {self.resume_from.stage!r} "
-                               f"(the checkpoint {self.resume_from.path})")
+def start_run(rc: RunConfig, accelerator) -> Run:
+    return Run.start(rc, accelerator, RunLog(rc.out, accelerator.is_main_process, COLUMNS, x="step", panels=PANELS,
+                                             title=f"DDG {rc.preset.name}"))
 
 
 @dataclass
@@ -291,7 +255,7 @@ def run_all(rc: RunConfig, accelerator) -> Dict:
         per_process_batch(p.diffusion_batch, accelerator.num_processes, "--diffusion-batch")
     Path(rc.out).mkdir(parents=True, exist_ok=True)
     paths = resolve_paths(rc, accelerator)
-    run = Run.start(rc, accelerator)
+    run = start_run(rc, accelerator)
     store = TeacherStore(rc, accelerator, paths)
     results: List[Dict] = []
     start = time.perf_counter()
@@ -368,8 +332,7 @@ def train_combination(run: Run, combo: Combination, teachers: Teachers, paths: P
         key = f"{combo.key}-{name}"
         keys.append(key)
         if key in run.products:  # finished: its product is where the next stage starts
-            if run.resume_from is not None and run.resume_from.stage == key:
-                run.resume_from = None
+            run.skip(key)
             module.load_state_dict(run.products[key]["module"])
             selection.restore(run.products[key]["selection"])
             continue
@@ -401,17 +364,12 @@ def run_stage(run: Run, combo: Combination, key: str, name: str, number: int, fi
     """Train stage ``key`` of ``combo``, the combination's steps ``first`` to ``end`` (from where a resume left
     it)."""
     acc, rc, p = run.accelerator, run.rc, run.rc.preset
-    if rc.max_steps is not None and run.step >= rc.max_steps:
-        run.log.close()
-        raise StopRun
+    run.stop_if_at_max()
     optimizer = torch.optim.Adam(trainable(module, combo.method, number, p), lr=p.lr, weight_decay=p.weight_decay)
     model, optimizer = acc.prepare(module, optimizer)
     stage_seed = seed_hash(combo.seed, combo.test_env, combo.method, name)
     generator = rank_generator(stage_seed, acc.process_index, acc.device)  # diffusion timesteps, noise, patches
-    ckpt = run.resume_from
-    if ckpt is not None and ckpt.stage != key:
-        raise RuntimeError(f"--resume: the checkpoint {ckpt.path} is of stage {ckpt.stage!r}, but stage {key!r} "
-                           "before it has no product in it")
+    ckpt = run.resume_point(key)
     if ckpt is not None:
         selection.restore(ckpt.state["position"])
     # Built before the RNGs are set: a loader's iterator draws its base seed from the global generator.

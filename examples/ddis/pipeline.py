@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -40,6 +40,7 @@ from ..common.epoch_sampler import EpochSampler
 from ..common.main_process import on_main
 from ..common.runlog import RunLog, write_results
 from ..common.seeding import seed_rank_stream, seed_shared
+from ..common.staged_run import StagedRun, StopRun
 from . import data
 from .method import (CATBatch, cat_optimizer, cat_step, class_conditionings, class_groups, kd_optimizer, kd_step,
                      latent_shape, synthesize_batch, top1)
@@ -76,48 +77,18 @@ class RunConfig:
                 "test_root": self.test_root, "attention_backend": self.attention_backend}
 
 
-class StopRun(Exception):
-    """Raised right after the checkpoint at ``--max-steps``."""
-
-
 @dataclass
-class Run:
-    """What the stages share: the accelerator, the global step, the log, the checkpoint to resume from (taken by
-    the stage it belongs to) and the products of the finished stages."""
-    rc: RunConfig
-    accelerator: object
-    log: RunLog
-    step: int = 0
-    resume_from: Optional[checkpoint.Checkpoint] = None
-    products: Dict[str, Dict] = field(default_factory=dict)
+class Run(StagedRun):
+    """The shared run state, plus the step of the last checkpoint written (a stop at ``--max-steps`` right after
+    a checkpoint does not write it twice)."""
     saved_at: Optional[int] = None
 
     @classmethod
     def start(cls, rc: RunConfig, accelerator, title: str) -> "Run":
-        log = RunLog(rc.out, accelerator.is_main_process, COLUMNS, x="step", panels=PANELS, title=title)
-        run = cls(rc, accelerator, log)
-        if rc.resume:
-            ckpt = checkpoint.latest(run.ckpt_root, rc.settings(), accelerator.num_processes)
-            if ckpt is None:
-                accelerator.print(f"--resume: no checkpoint in {run.ckpt_root}; starting from the beginning")
-            else:
-                run.resume_from, run.step, run.saved_at = ckpt, ckpt.step, ckpt.step
-                run.products = dict(ckpt.state["products"])
-                log.restore(ckpt.state["rows"])
-                accelerator.print(f"resuming from {ckpt.path} (stage {ckpt.stage}, step {ckpt.step})")
+        run = super().start(rc, accelerator, RunLog(rc.out, accelerator.is_main_process, COLUMNS, x="step",
+                                                    panels=PANELS, title=title))
+        run.saved_at = run.step if run.resume_from is not None else None
         return run
-
-    @property
-    def ckpt_root(self) -> Path:
-        return Path(self.rc.out) / "checkpoints"
-
-    def at_max(self) -> bool:
-        return self.rc.max_steps is not None and self.step >= self.rc.max_steps
-
-    def skip(self, stage: str) -> None:
-        """``stage`` is finished (its product is in the checkpoint): a checkpoint it wrote is not resumed into."""
-        if self.resume_from is not None and self.resume_from.stage == stage:
-            self.resume_from = None
 
     def take_resume(self, stage: str) -> Optional[Dict]:
         """This process' ``rank_state`` if the run resumes inside ``stage`` (models, optimizers and RNGs restored)."""
@@ -133,19 +104,13 @@ class Run:
                         keep=self.rc.keep_checkpoints)
         self.saved_at = self.step
 
-    def stop_if_at_max(self, stage: str, rank_state: Callable[[], Dict]) -> None:
+    def save_and_stop_if_at_max(self, stage: str, rank_state: Callable[[], Dict]) -> None:
         """At ``--max-steps``: the checkpoint of this step (unless just written), then StopRun."""
         if self.at_max():
             if self.saved_at != self.step:
                 self.save(stage, rank_state())
             self.log.close()
             raise StopRun
-
-    def finished(self) -> None:
-        self.log.close()
-        if self.resume_from is not None:
-            raise RuntimeError(f"--resume: no stage of this run is named {self.resume_from.stage!r} "
-                               f"(the checkpoint {self.resume_from.path})")
 
     def bar(self, **kwargs):
         return tqdm(disable=self.rc.quiet or not self.accelerator.is_local_main_process, leave=False, **kwargs)
@@ -239,7 +204,7 @@ def run_tokens(run: Run, ctx: TokenContext) -> Dict:
                 mine["rows"][-1]["step"] = run.step
             if not int(flags[1]):
                 break
-            run.stop_if_at_max("tokens", rank_state)
+            run.save_and_stop_if_at_max("tokens", rank_state)
         # the round's end: every rank's kept rows, on every rank
         from accelerate.utils import gather_object
 
@@ -262,7 +227,7 @@ def run_tokens(run: Run, ctx: TokenContext) -> Dict:
         if pos["round"] == len(rounds):
             run.products["tokens"] = {"embeddings": pos["learned"].clone(), "rows": pos["rows"]}
         run.save("tokens", rank_state())
-        run.stop_if_at_max("tokens", rank_state)
+        run.save_and_stop_if_at_max("tokens", rank_state)
     bar.close()
     tokens.set_trainable()
     return run.products["tokens"]
@@ -378,7 +343,7 @@ def run_distill(run: Run, teacher: nn.Module, kd: KDData) -> Dict:
                     raise FloatingPointError(f"KD: non-finite loss {float(metrics['kd_loss'])} at step {run.step}")
                 if pos["batch"] >= per_epoch:
                     break  # before the next fetch: its augmentation draws belong to no step
-                run.stop_if_at_max("distill", rank_state)
+                run.save_and_stop_if_at_max("distill", rank_state)
             bar.close()
             count = max(pos["count"], 1)
             row = {"stage": "distill", "epoch": epoch + 1, "step": run.step, "lr": lr}
@@ -392,7 +357,7 @@ def run_distill(run: Run, teacher: nn.Module, kd: KDData) -> Dict:
             if pos["epoch"] == preset.kd_epochs:
                 run.products["distill"] = {"student": weights, "row": row}
             run.save("distill", rank_state())
-            run.stop_if_at_max("distill", rank_state)
+            run.save_and_stop_if_at_max("distill", rank_state)
     finally:
         acc.unwrap_model(model, keep_fp32_wrapper=False)
         acc.free_memory()

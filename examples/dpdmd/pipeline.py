@@ -36,6 +36,7 @@ from ..common import checkpoint
 from ..common.runlog import RunLog, write_results
 from ..common.sample_metrics import mean_pairwise_cosine
 from ..common.seeding import rank_generator, seed_rank_stream, shared_generator
+from ..common.staged_run import StopRun
 from .method import Distiller
 from .presets import SD3Preset
 
@@ -46,10 +47,6 @@ PANELS = {"loss": ("fake_loss", "dmd_loss", "anchor_loss"), "diversity": ("diver
 DEVIATIONS = ["fp32 DMD gradient (docs/methods/dpdmd.md §2.7)", "global FSDP gradient clipping",
               "fp32 master weights and AdamW states for student and fake score (bf16 compute)"]
 EXPORT = Path("export") / "student_transformer"
-
-
-class StopRun(Exception):
-    """Raised right after the checkpoint at ``--max-steps``."""
 
 
 @dataclass

@@ -30,6 +30,7 @@ from ..common import checkpoint
 from ..common.main_process import on_main
 from ..common.runlog import RunLog, write_results
 from ..common.seeding import rank_generator, seed_rank_stream, seed_shared
+from ..common.staged_run import StagedRun as Run, StopRun
 from ..common.tables import markdown_table
 from . import data, models
 from .evaluate import evaluate_classifier, evaluate_gendd
@@ -77,46 +78,9 @@ class RunConfig:
                 "deterministic": torch.are_deterministic_algorithms_enabled()}
 
 
-class StopRun(Exception):
-    """Raised right after the checkpoint at ``--max-steps``."""
-
-
-@dataclass
-class Run:
-    """What every stage of a run shares: the accelerator, the global step, the log, the checkpoint to resume
-    from (consumed by the stage it belongs to) and the products of the finished stages."""
-    rc: RunConfig
-    accelerator: object
-    log: RunLog
-    step: int = 0
-    resume_from: Optional[checkpoint.Checkpoint] = None
-    products: Dict[str, Dict] = field(default_factory=dict)
-
-    @classmethod
-    def start(cls, rc: RunConfig, accelerator, title: str) -> "Run":
-        log = RunLog(rc.out, accelerator.is_main_process, COLUMNS, x="step", panels=PANELS, title=title,
-                     log_y=("training loss",))
-        run = cls(rc, accelerator, log)
-        if rc.resume:
-            ckpt = checkpoint.latest(run.ckpt_root, rc.settings(), accelerator.num_processes)
-            if ckpt is None:
-                accelerator.print(f"--resume: no checkpoint in {run.ckpt_root}; starting from the beginning")
-            else:
-                run.resume_from, run.step = ckpt, ckpt.step
-                run.products = dict(ckpt.state["products"])
-                log.restore(ckpt.state["rows"])
-                accelerator.print(f"resuming from {ckpt.path} (stage {ckpt.stage}, step {ckpt.step})")
-        return run
-
-    @property
-    def ckpt_root(self) -> Path:
-        return Path(self.rc.out) / "checkpoints"
-
-    def finished(self) -> None:
-        self.log.close()
-        if self.resume_from is not None:
-            raise RuntimeError(f"--resume: no stage of this run is named {self.resume_from.stage!r} "
-                               f"(the checkpoint {self.resume_from.path})")
+def start_run(rc: RunConfig, accelerator, title: str) -> Run:
+    return Run.start(rc, accelerator, RunLog(rc.out, accelerator.is_main_process, COLUMNS, x="step", panels=PANELS,
+                                             title=title, log_y=("training loss",)))
 
 
 @dataclass
@@ -138,13 +102,10 @@ def run_stage(run: Run, stage: Stage) -> Dict:
     only loads its product."""
     acc, rc, cfg = run.accelerator, run.rc, stage.cfg
     if stage.key in run.products:
-        if run.resume_from is not None and run.resume_from.stage == stage.key:  # written as the stage finished
-            run.resume_from = None
+        run.skip(stage.key)  # a checkpoint written as the stage finished
         stage.model.load_state_dict(run.products[stage.key]["model"])
         return run.products[stage.key]
-    if rc.max_steps is not None and run.step >= rc.max_steps:
-        run.log.close()
-        raise StopRun
+    run.stop_if_at_max()
     optimizer = build_optimizer(stage.model, cfg)
     scheduler = build_scheduler(optimizer, cfg)  # per epoch: not handed to accelerate (it steps per iteration)
     model, optimizer = acc.prepare(stage.model, optimizer)
@@ -156,11 +117,8 @@ def run_stage(run: Run, stage: Stage) -> Dict:
     per_epoch = len(loader) if rc.steps_per_epoch is None else min(len(loader), rc.steps_per_epoch)
     total_steps = max(cfg.epochs * per_epoch, 1)
     pos = {"epoch": 0, "batch": 0, "stage_step": 0, "sums": {}, "count": 0, "beta2": cfg.beta2, "elapsed": 0.0}
-    ckpt = run.resume_from
+    ckpt = run.resume_point(stage.key)
     if ckpt is not None:
-        if ckpt.stage != stage.key:
-            raise RuntimeError(f"--resume: the checkpoint {ckpt.path} is of stage {ckpt.stage!r}, but stage "
-                               f"{stage.key!r} before it has no product in it")
         rank_state = checkpoint.load(ckpt, acc, stage.key, generators)
         pos = rank_state["position"]
         scheduler.load_state_dict(rank_state["scheduler"])
@@ -321,7 +279,7 @@ def run_distill(rc: RunConfig, accelerator) -> Dict:
                          "file (nothing is downloaded)")
     if not Path(rc.teacher_ckpt).is_file():
         raise FileNotFoundError(f"--teacher-ckpt {rc.teacher_ckpt}: no such file (the {p.teacher} teacher's weights)")
-    run = Run.start(rc, accelerator, f"GenDD {p.name}")
+    run = start_run(rc, accelerator, f"GenDD {p.name}")
     teacher = models.freeze(models.load(p.teacher, rc.teacher_ckpt, p.num_classes)).to(accelerator.device)
     teacher_fc = models.classifier(teacher)
     batch = per_process_batch(p.batch_size, accelerator)

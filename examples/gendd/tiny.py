@@ -16,8 +16,8 @@ from ..common.tables import markdown_table
 from . import data, models
 from .export import save_gendd
 from .method import GenDDModel, ProbeModel, build_gendd_loss, ce_loss, kd_loss
-from .pipeline import (Run, RunConfig, Stage, classifier_eval, gendd_eval, gendd_evaluation, gendd_step,
-                       per_process_batch, run_stage)
+from .pipeline import (RunConfig, Stage, classifier_eval, gendd_eval, gendd_evaluation, gendd_step,
+                       per_process_batch, run_stage, start_run)
 
 METHODS = ("ce", "kd", "gendd")
 TABLE_ROWS = (("teacher (CE)", "teacher"),
@@ -30,7 +30,7 @@ TABLE_ROWS = (("teacher (CE)", "teacher"),
 
 def run_tiny(rc: RunConfig, accelerator) -> Dict:
     p = rc.preset
-    run = Run.start(rc, accelerator, f"GenDD tiny preset, seeds {', '.join(map(str, rc.seeds))}")
+    run = start_run(rc, accelerator, f"GenDD tiny preset, seeds {', '.join(map(str, rc.seeds))}")
     rank, world = accelerator.process_index, accelerator.num_processes
     per_seed: Dict[int, Dict[str, float]] = {}
     start = time.perf_counter()

@@ -23,6 +23,7 @@ from examples.common.main_process import on_main  # noqa: E402
 from examples.common.runlog import RunLog, read_csv, write_results  # noqa: E402
 from examples.common.seeding import (RANK_STRIDE, rank_generator, rank_seed, seed_rank_stream,  # noqa: E402
                                      shared_generator)
+from examples.common.staged_run import StagedRun, StopRun  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +143,37 @@ def test_checkpoint_stage_keys_and_generators(tmp_path, accelerator):
         assert torch.equal(model.weight, expected[2])
     finally:
         accelerator.free_memory()
+
+
+def test_staged_run_hands_the_checkpoint_to_its_stage(tmp_path, accelerator):
+    from types import SimpleNamespace
+    rc = SimpleNamespace(out=tmp_path, resume=True, max_steps=None, settings=lambda: {"lr": 1.0})
+
+    def start():
+        return StagedRun.start(rc, accelerator, RunLog(tmp_path, accelerator.is_main_process, ["stage", "step"]))
+
+    fresh = start()  # --resume without a checkpoint: from the beginning
+    assert (fresh.step, fresh.resume_from, fresh.products) == (0, None, {})
+    fresh.finished()
+    rows = [{"stage": "stage1", "step": 4}, {"stage": "stage2", "step": 5}]
+    checkpoint.save(fresh.ckpt_root, accelerator, stage="stage2", step=5, settings=rc.settings(),
+                    state={"rows": rows, "products": {"stage1": {"w": 1}}})
+    run = start()
+    assert (run.step, run.products, run.log.rows, run.resume_from.stage) == (5, {"stage1": {"w": 1}}, rows, "stage2")
+    with pytest.raises(RuntimeError, match="is of stage 'stage2', but stage 'stage3' before it has no product"):
+        run.resume_point("stage3")
+    run.skip("stage1")  # another stage's skip leaves the checkpoint waiting
+    assert run.resume_point("stage2") is run.resume_from is not None
+    with pytest.raises(RuntimeError, match="no stage of this run is named 'stage2'"):
+        run.finished()  # a checkpoint no stage took: the resume would silently restart
+    run.skip("stage2")
+    assert run.resume_from is None and run.resume_point("stage3") is None
+    run.finished()
+    rc.max_steps = 5
+    with pytest.raises(StopRun):
+        start().stop_if_at_max()
+    rc.max_steps = 6
+    start().stop_if_at_max()
 
 
 def test_settings_fingerprint():

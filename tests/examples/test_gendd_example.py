@@ -26,7 +26,7 @@ from examples.gendd.optim import EpochLR, beta2_at, build_optimizer, named_ln, p
 from examples.gendd.presets import CIFAR_STAGE2, IMAGENET_STAGE1, PRESETS, StageConfig, _imagenet_stage2  # noqa: E402
 from examples.gendd.method import (GenDDModel, Stage1Model, build_gendd_loss, gendd_loss,  # noqa: E402
                                    load_stage1_backbone, stage1_loss, teacher_outputs)
-from examples.gendd.pipeline import Run, RunConfig, Stage, StopRun, run_stage  # noqa: E402
+from examples.gendd.pipeline import RunConfig, Stage, StopRun, run_stage, start_run  # noqa: E402
 
 K = 10
 SMALL = PRESETS["tiny"].with_overrides(token_size=8, head_width=32, head_depth=2, batch_mul=2, eval_steps=3,
@@ -188,7 +188,7 @@ def _resume_run(out: Path, accelerator, max_steps=None, resume=False, init_seed=
                               max_batches=1)
 
     rc = RunConfig(preset=preset, out=out, resume=resume, max_steps=max_steps, quiet=True)
-    run = Run.start(rc, accelerator, "resume test")
+    run = start_run(rc, accelerator, "resume test")
     stage = Stage("gendd", model, cfg, lambda m, b, g: gendd_loss(m, teacher, b, g), evaluate, train_loader)
     try:
         run_stage(run, stage)
