@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# The examples' subprocesses inherit this: a rank that dies on a signal (a C++ abort inside a collective, say)
+# prints every thread's Python stack to its stderr, which the launching test reports.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 @pytest.fixture

@@ -22,5 +22,5 @@ def launch_two_ranks(script: Path, *args: str, timeout: float = 240) -> str:
            "--master_port", str(free_port()), str(script), *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     return proc.stdout
