@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import copy
-import csv
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -22,6 +21,7 @@ from ddg_models import FewStepGenerator, GuidedTeacher, shifted_flow_sigmas
 
 from ..common import checkpoint
 from ..common.rng import atomic_save
+from ..common.runlog import write_csv
 from ..common.sample_metrics import energy_distance, mean_pairwise_distance, nearest_center_counts
 from ..common.tables import markdown_table, write_json
 from .method import Distiller
@@ -291,11 +291,7 @@ def report(results: Dict, p: ToyPreset, out: Path) -> Dict:
     (out / "results.md").write_text(table)
     history = [r for res in results.values() for r in res.get("rows", [])]
     if history:
-        keys = sorted({k for r in history for k in r}, key=lambda k: (k not in ("method", "iteration"), k))
-        with open(out / "log.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(history)
+        write_csv(out / "log.csv", history, ("method", "iteration"))
     write_json(out / "results.json", {name: {k: v for k, v in res.items() if k != "rows"}
                                       for name, res in results.items()})
     print(table)
