@@ -46,8 +46,8 @@ from .presets import Preset
 from .teachers import Teachers, load_teachers, teacher_samples
 from .tiny import teacher_sources, train_tiny_teachers
 
-COLUMNS = ["run", "stage", "step", "run_step", "loss", "ce", "align", "diff", "train_out_acc", "test_in_acc",
-           "swad_val_loss", "time_s"]
+COLUMNS = ["run", "stage", "step", "run_step", "loss", "ce", "align", "diff", "train_out_acc", "train_out_loss",
+           "test_in_acc", "time_s"]
 PANELS = {"training loss": ("loss", "ce", "align", "diff"), "accuracy (%)": ("train_out_acc", "test_in_acc")}
 RESULT_COLUMNS = ("selected_acc", "swad_acc", "last_acc")
 
@@ -72,6 +72,11 @@ class RunConfig:
     mixed_precision: str = "no"
     smoke_assets: Optional[str] = None               # smoke preset: where its fixtures are (default <out>/smoke_assets)
     keep_checkpoints: int = 2
+
+    @property
+    def sd_dtype(self) -> Optional[torch.dtype]:
+        """The frozen SD teacher's weights: the mixed-precision dtype (as the authors' bf16/fp16 runs load it)."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision)
 
     def settings(self) -> Dict:
         """What changes the results (the checkpoint fingerprint): not out, resume, max_steps, quiet."""
@@ -182,14 +187,13 @@ class Evaluator:
         self.combo, self.device = combo, device
 
     def __call__(self, student: nn.Module) -> Dict[str, float]:
+        """Training-domain validation (accuracy and CE, means over the sources' 'out' splits: DomainBed's and
+        SWAD's ``tr_outloss``) and the test domain's accuracy."""
         metrics = evaluate(student, {**self.val, "test_in": self.test}, self.device)
-        names = self.combo.envs.names
-        return {"train_out_acc": sum(metrics[f"{names[i]}_out_acc"] for i in self.combo.sources) / len(self.val),
+        names = [f"{self.combo.envs.names[i]}_out" for i in self.combo.sources]
+        return {"train_out_acc": sum(metrics[f"{n}_acc"] for n in names) / len(names),
+                "train_out_loss": sum(metrics[f"{n}_loss"] for n in names) / len(names),
                 "test_in_acc": metrics["test_in_acc"]}
-
-    def validation_loss(self, student: nn.Module) -> float:
-        metrics = evaluate(student, self.val, self.device)
-        return sum(v for k, v in metrics.items() if k.endswith("_loss")) / len(self.val)
 
     def test_accuracy(self, student: nn.Module) -> float:
         return evaluate(student, {"test": self.test}, self.device)["test_acc"]
@@ -208,7 +212,7 @@ class TeacherStore:
         if p.dataset != "RotatedDigits":
             if "all" not in self.cache:
                 self.cache["all"] = load_teachers(p, envs, self.paths.clip_model, self.paths.pretrained_model,
-                                                  self.acc.device, rc.attention_backend)
+                                                  self.acc.device, rc.attention_backend, rc.sd_dtype)
             return self.cache["all"]
         # Teachers differ by trial seed (its holdout), training domains and training steps.
         key = (f"seed{seed}_" + "-".join(envs.names[i] for i in sources) + "_steps"
@@ -224,7 +228,7 @@ class TeacherStore:
 
             self.losses[key] = on_main(self.acc, train)
             teachers = load_teachers(p, envs, directory / "clip", directory / "sd", self.acc.device,
-                                     rc.attention_backend)
+                                     rc.attention_backend, rc.sd_dtype)
             if self.acc.is_main_process and not (directory / "samples.png").is_file():
                 prompts = [f"a {envs.names[d]} photo of a {c}" for d in sources for c in envs.class_names]
                 report.save_grid(directory / "samples.png", teacher_samples(teachers, prompts).cpu(),
@@ -288,7 +292,8 @@ def run_all(rc: RunConfig, accelerator) -> Dict:
     table = report.results_table(results, test_names, ("zeroshot",) + tuple(rc.methods))
     summary = {"preset": p.name, "metrics": final_metrics(results), "results": results, "table": table["rows"],
                "header": table["header"], "teacher_losses": store.losses, "processes": accelerator.num_processes,
-               "mixed_precision": rc.mixed_precision, "wall_s": time.perf_counter() - start}
+               "mixed_precision": rc.mixed_precision, "sd_dtype": str(rc.sd_dtype or torch.float32),
+               "wall_s": time.perf_counter() - start}
     write_results(rc.out, summary, accelerator.is_main_process)
     if accelerator.is_main_process:
         (rc.out / "results.md").write_text(table["markdown"])
@@ -444,8 +449,9 @@ def log_evaluation(run: Run, combo: Combination, stage: str, module: nn.Module, 
     def main_evaluation() -> Dict[str, float]:
         metrics = evaluator(module.student)
         if selection.step > p.swad_start and selection.swad.segment_start is not None:
-            metrics["swad_val_loss"] = evaluator.validation_loss(selection.swad.segment.module)
-            selection.swad.evaluate(metrics["swad_val_loss"], selection.step)
+            # The segment closes with the current weights' validation loss, as khanrc/swad's trainer feeds it
+            # (docs/methods/ddg.md §2.4), not the loss of the segment's average.
+            selection.swad.evaluate(metrics["train_out_loss"], selection.step)
         return metrics
 
     row.update(on_main(acc, main_evaluation))

@@ -52,8 +52,11 @@ class Teachers:
         return self.sd_negatives if self.sd_negatives.shape[0] == 1 else self.sd_negatives[domains]
 
 
-def load_teachers(p: Preset, envs: Environments, clip_dir, sd_dir, device, attention_backend: str = "sdpa") -> Teachers:
-    """Load the CLIP folder (a transformers CLIPModel with its tokenizer) and the SD folder, frozen."""
+def load_teachers(p: Preset, envs: Environments, clip_dir, sd_dir, device, attention_backend: str = "sdpa",
+                  sd_dtype: Optional[torch.dtype] = None) -> Teachers:
+    """Load the CLIP folder (a transformers CLIPModel with its tokenizer) and the SD folder, frozen. ``sd_dtype``:
+    the SD teacher's weights (bf16/fp16 under mixed precision); its latents, prompt encodings and the denoising
+    loss stay fp32 (the teacher casts at its boundary)."""
     from transformers import CLIPModel, CLIPTokenizer
 
     for flag, path in (("--clip-model", clip_dir), ("--pretrained-model", sd_dir)):
@@ -62,7 +65,7 @@ def load_teachers(p: Preset, envs: Environments, clip_dir, sd_dir, device, atten
                                     "nothing is downloaded)")
     clip = CLIPModel.from_pretrained(str(clip_dir)).to(device).eval().requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(str(clip_dir))
-    sd = StableDiffusionTeacher.from_pretrained(sd_dir, device=device)
+    sd = StableDiffusionTeacher.from_pretrained(sd_dir, torch_dtype=sd_dtype, device=device)
     set_attention_backend(sd.unet, attention_backend)
     if p.sd_gradient_checkpointing:
         sd.enable_gradient_checkpointing()

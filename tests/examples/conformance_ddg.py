@@ -6,8 +6,9 @@ I -> II switch and the end) in every cell of the matrix.
 DDG-specific checks (``check``): the exported selected student reloads with ``examples.ddg.export.load_student``
 and, evaluated on the test domain, reproduces the run's selected accuracy; the exported tensors are the weights
 of the selected evaluation (the training-domain-validation choice, kept in the checkpoints); the run log has one
-row per evaluation with the stage recorded (Stage I at 2, Stage II at 4); on 2 processes the ranks' diffusion
-generators (timesteps, noise) are in different states.
+row per evaluation with the stage recorded (Stage I at 2, Stage II at 4); the SD teacher ran in the cell's
+precision (bf16 weights under bf16 mixed precision); on 2 processes the ranks' diffusion generators (timesteps,
+noise) are in different states.
 
 CI runs the bf16 two-process resumed cell (with its uninterrupted run): the setting of a GPU user, and with a
 zero tolerance it also holds the resume to bit-exactness. The fp32 one-process resume is also covered in CI by
@@ -33,7 +34,10 @@ def check(out: Path, cell) -> None:
 
     out = Path(out)
     p = PRESETS["smoke"]
-    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    results = json.loads((out / "results.json").read_text())
+    metrics = results["metrics"]
+    # the frozen SD teacher runs in the mixed-precision dtype (its latents and loss stay fp32)
+    assert results["sd_dtype"] == {"no": "torch.float32", "bf16": "torch.bfloat16"}[cell.precision], results["sd_dtype"]
     assert set(metrics) == {f"{RUN}/selected_acc", f"{RUN}/swad_acc", f"{RUN}/last_acc", "sketch_seed0_zeroshot/acc"}
     envs = load_environments(p, str(out / "smoke_assets" / "data"), 0)
     student = load_student(out / "export" / RUN)

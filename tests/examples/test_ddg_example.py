@@ -159,6 +159,11 @@ def test_short_run_writes_table_logs_images_and_exports(smoke_run):
     ddg_rows = [r for r in rows if r["run"] == "rot0_seed0_ddg"]
     assert [r["run_step"] for r in ddg_rows] == [1, 2, 3, 4] and "diff" in ddg_rows[-1] and "diff" not in ddg_rows[0]
     assert [r["stage"] for r in ddg_rows] == ["stage1", "stage1", "stage2", "stage2"]
+    # SWAD's segments close with the current weights' training-domain validation loss (khanrc/swad's trainer)
+    assert ddg["swad_segments"]
+    loss_at = {r["run_step"]: r["train_out_loss"] for r in ddg_rows}
+    for segment in ddg["swad_segments"]:
+        assert segment["loss"] == pytest.approx(loss_at[segment["end"]], rel=1e-6)
     # checkpoints hold the student and its adapter, never the frozen teachers
     last = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     keys = [k for f in last.glob("*/model*.safetensors") for k in load_file(str(f))]
@@ -208,6 +213,38 @@ def test_cfg_negatives_per_domain_or_empty(tiny_setup):
     empty = load_teachers(TINY.with_overrides(negative="empty"), envs, clip_dir, sd_dir, "cpu")
     assert empty.sd_negatives.shape[0] == 1
     torch.testing.assert_close(empty.negatives_for(torch.tensor([0, 5])), teachers.sd.encode_prompts([""]))
+
+
+def test_bf16_sd_teacher_keeps_the_denoising_loss_and_its_gradient(tiny_setup):
+    """Under bf16 mixed precision the SD teacher loads in bf16 (rc.sd_dtype) while the student's context, the
+    latents and the loss stay fp32: the loss and its gradient on the context match the fp32 teacher's within bf16's
+    rounding, and the gradient reaches the context in fp32."""
+    from ddg_losses import GuidedDenoisingLoss
+    from examples.ddg.pipeline import RunConfig
+
+    envs, teachers = tiny_setup
+    assert RunConfig(TINY, Path("."), ("ddg",), (0,), mixed_precision="bf16").sd_dtype == torch.bfloat16
+    assert RunConfig(TINY, Path("."), ("ddg",), (0,)).sd_dtype is None
+    clip_dir, sd_dir = teachers.clip_dir, teachers.clip_dir.parent / "sd"
+    half = load_teachers(TINY, envs, clip_dir, sd_dir, "cpu", sd_dtype=torch.bfloat16)
+    assert half.sd.unet.dtype == torch.bfloat16 and teachers.sd.unet.dtype == torch.float32
+    loss_fn = GuidedDenoisingLoss(TINY.guidance_scale)
+    g = torch.Generator().manual_seed(0)
+    x_sd = torch.rand(6, half.sd.vae.config.in_channels, 16, 16, generator=g) * 2 - 1
+    base = teachers.sd_class_prompts[torch.arange(6) % teachers.sd_class_prompts.shape[0]]
+    results = []
+    for t in (teachers, half):
+        context = (base + 0.1 * torch.randn(base.shape, generator=torch.Generator().manual_seed(1))).requires_grad_()
+        loss = loss_fn(t.sd, x_sd, context, t.negatives_for(torch.arange(6) % len(envs.names)),
+                       torch.Generator().manual_seed(2))
+        loss.backward()
+        assert loss.dtype == torch.float32 and context.grad.dtype == torch.float32
+        results.append((loss.detach(), context.grad))
+    (l32, g32), (l16, g16) = results
+    assert torch.isfinite(g16).all() and g16.abs().sum() > 0
+    torch.testing.assert_close(l16, l32, rtol=0.05, atol=1e-3)
+    cos = torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0)
+    assert cos > 0.95, f"bf16 teacher's context gradient points elsewhere: cosine {cos:.3f}"
 
 
 def test_teacher_domains_never_include_a_test_domain():
