@@ -341,6 +341,8 @@ def train_combination(run: Run, combo: Combination, teachers: Teachers, paths: P
             module.load_state_dict(run.products[key]["module"])
             selection.restore(run.products[key]["selection"])
             continue
+        if number == 2 and (run.resume_from is None or run.resume_from.stage != key):
+            start_from_selected(acc, module, selection)
         run_stage(run, combo, key, name, number, first, end, module, selection, loss_fn, evaluator, per_process)
 
     def finish() -> Dict:
@@ -362,6 +364,16 @@ def train_combination(run: Run, combo: Combination, teachers: Teachers, paths: P
         run.products.pop(key, None)
     run.products[combo.key] = {"result": result}
     return result
+
+
+def start_from_selected(accelerator, module: nn.Module, selection: Selection) -> None:
+    """Stage II starts from Stage I's training-domain-validation choice and selects within Stage II (VL2V's
+    protocol: a 'selected' DDG result is always a Stage-II model). The choice's weights live on the main process;
+    every process loads them."""
+    state = on_main(accelerator, lambda: selection.best_state)
+    if state is not None:
+        module.student.load_state_dict(state)
+    selection.best, selection.best_state = {}, None
 
 
 def run_stage(run: Run, combo: Combination, key: str, name: str, number: int, first: int, end: int, module: nn.Module,

@@ -159,6 +159,10 @@ def test_short_run_writes_table_logs_images_and_exports(smoke_run):
     ddg_rows = [r for r in rows if r["run"] == "rot0_seed0_ddg"]
     assert [r["run_step"] for r in ddg_rows] == [1, 2, 3, 4] and "diff" in ddg_rows[-1] and "diff" not in ddg_rows[0]
     assert [r["stage"] for r in ddg_rows] == ["stage1", "stage1", "stage2", "stage2"]
+    # Stage II starts from Stage I's choice and selects within Stage II (VL2V): the selected row is a Stage-II row
+    stage2 = [r for r in ddg_rows if r["stage"] == "stage2"]
+    best = max(stage2, key=lambda r: r["train_out_acc"])  # the first of equal maxima, as the selection keeps it
+    assert (ddg["selected_step"], ddg["selected_acc"]) == (best["run_step"], best["test_in_acc"])
     # SWAD's segments close with the current weights' training-domain validation loss (khanrc/swad's trainer)
     assert ddg["swad_segments"]
     loss_at = {r["run_step"]: r["train_out_loss"] for r in ddg_rows}
@@ -245,6 +249,24 @@ def test_bf16_sd_teacher_keeps_the_denoising_loss_and_its_gradient(tiny_setup):
     torch.testing.assert_close(l16, l32, rtol=0.05, atol=1e-3)
     cos = torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0)
     assert cos > 0.95, f"bf16 teacher's context gradient points elsewhere: cosine {cos:.3f}"
+
+
+def test_stage2_starts_from_the_stage1_choice():
+    from types import SimpleNamespace
+
+    from examples.ddg.pipeline import Selection, start_from_selected
+
+    module = SimpleNamespace(student=torch.nn.Linear(3, 2))
+    chosen = {k: torch.full_like(v, 0.5) for k, v in module.student.state_dict().items()}
+    selection = Selection(step=7, best={"step": 5, "train_out_acc": 60.0, "test_in_acc": 40.0}, best_state=chosen,
+                          last={"step": 7, "test_in_acc": 41.0})
+    single = SimpleNamespace(is_main_process=True, num_processes=1, wait_for_everyone=lambda: None)
+    start_from_selected(single, module, selection)
+    assert all(torch.equal(v, chosen[k]) for k, v in module.student.state_dict().items())
+    assert (selection.best, selection.best_state, selection.step, selection.last["step"]) == ({}, None, 7, 7)
+    before = {k: v.clone() for k, v in module.student.state_dict().items()}
+    start_from_selected(single, module, selection)  # nothing chosen (no evaluation in Stage I): weights stay
+    assert all(torch.equal(v, before[k]) for k, v in module.student.state_dict().items())
 
 
 def test_teacher_domains_never_include_a_test_domain():
