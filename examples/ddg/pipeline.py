@@ -38,7 +38,7 @@ from ..common.main_process import on_main
 from ..common.runlog import RunLog, write_results
 from ..common.seeding import rank_generator, seed_rank_stream, seed_shared
 from ..common.staged_run import StagedRun as Run, StopRun
-from . import report
+from . import domainbed_output, report
 from .data import Environments, SourceBatches, eval_loader, load_environments, per_process_batch
 from .export import export_student
 from .method import DDGLoss, build_backbone_for, build_module, stages, trainable
@@ -184,16 +184,18 @@ class Evaluator:
         self.val = {f"{names[i]}_out": eval_loader(splits[i].eval_out, p.test_batch, p.num_workers)
                     for i in combo.sources}
         self.test = eval_loader(splits[combo.test_env].eval_in, p.test_batch, p.num_workers)
+        self.test_out = eval_loader(splits[combo.test_env].eval_out, p.test_batch, p.num_workers)  # the oracle's
         self.combo, self.device = combo, device
 
     def __call__(self, student: nn.Module) -> Dict[str, float]:
         """Training-domain validation (accuracy and CE, means over the sources' 'out' splits: DomainBed's and
         SWAD's ``tr_outloss``) and the test domain's accuracy."""
-        metrics = evaluate(student, {**self.val, "test_in": self.test}, self.device)
+        metrics = evaluate(student, {**self.val, "test_in": self.test, "test_out": self.test_out}, self.device)
         names = [f"{self.combo.envs.names[i]}_out" for i in self.combo.sources]
         return {"train_out_acc": sum(metrics[f"{n}_acc"] for n in names) / len(names),
                 "train_out_loss": sum(metrics[f"{n}_loss"] for n in names) / len(names),
-                "test_in_acc": metrics["test_in_acc"]}
+                "test_in_acc": metrics["test_in_acc"], "test_out_acc": metrics["test_out_acc"],
+                **{f"{n}_acc": metrics[f"{n}_acc"] for n in names}}  # per source: DomainBed's records
 
     def test_accuracy(self, student: nn.Module) -> float:
         return evaluate(student, {"test": self.test}, self.device)["test_acc"]
@@ -297,6 +299,13 @@ def run_all(rc: RunConfig, accelerator) -> Dict:
     write_results(rc.out, summary, accelerator.is_main_process)
     if accelerator.is_main_process:
         (rc.out / "results.md").write_text(table["markdown"])
+        db_rows = [("CLIP zero-shot", "zeroshot", "acc")]
+        for m in rc.methods:
+            db_rows.append((domainbed_output.ALGORITHMS[m], m, "selected_acc"))
+            if any(r.get("swad_acc") is not None for r in results if r["method"] == m):
+                db_rows.append((domainbed_output.ALGORITHMS[m] + " + SWAD", m, "swad_acc"))
+        (rc.out / "results_domainbed.md").write_text(
+            domainbed_output.domainbed_table(results, test_names, db_rows)["markdown"])
         report.plot_results(rc.out / "results.png", table)
         accelerator.print(table["markdown"])
     return summary
@@ -353,6 +362,12 @@ def train_combination(run: Run, combo: Combination, teachers: Teachers, paths: P
             res["swad_acc"] = evaluator.test_accuracy(selection.swad.final_model().to(acc.device))
             res["swad_converged"] = selection.swad.converged
             res["swad_segments"] = [h for h in selection.swad.final_history() if h["used"]]
+        # The final stage's evaluations: DomainBed's selection over them is the run's (within Stage II, VL2V).
+        final_stage = stages(combo.method, p)[-1][0]
+        rows = [r for r in run.log.rows if r.get("run") == combo.key and r.get("stage") == final_stage]
+        domainbed_output.write_run(Path(rc.out) / "domainbed" / combo.key, domainbed_output.run_records(
+            rows, dataset=p.dataset, method=combo.method, test_env=combo.test_env, env_names=combo.envs.names,
+            sources=combo.sources, trial_seed=combo.seed, hparams=p.to_dict()))
         selected = copy.deepcopy(module.student)
         selected.load_state_dict(selection.best_state)
         export_student(Path(rc.out) / "export" / combo.key, selected, p.backbone, combo.envs.class_names,

@@ -163,6 +163,24 @@ def test_short_run_writes_table_logs_images_and_exports(smoke_run):
     stage2 = [r for r in ddg_rows if r["stage"] == "stage2"]
     best = max(stage2, key=lambda r: r["train_out_acc"])  # the first of equal maxima, as the selection keeps it
     assert (ddg["selected_step"], ddg["selected_acc"]) == (best["run_step"], best["test_in_acc"])
+    # DomainBed's records: its training-domain-validation selection over them is the run's selection
+    lines = (out / "domainbed" / "rot0_seed0_ddg" / "results.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [3, 4] and (out / "domainbed" / "rot0_seed0_ddg" / "done").is_file()
+    assert records[0]["args"] == {"dataset": "RotatedDigits", "algorithm": "DDG", "test_envs": [0], "trial_seed": 0,
+                                  "hparams_seed": 0}
+
+    def iid(record):  # DomainBed's IIDAccuracySelectionMethod: env{i}_out_acc counted up from 0, test env skipped
+        keys, i = [], 0
+        while f"env{i}_out_acc" in record:
+            keys += [f"env{i}_out_acc"] if i != 0 else []
+            i += 1
+        return sum(record[k] for k in keys) / len(keys)
+
+    assert len([k for k in records[0] if k.endswith("_out_acc")]) == 6  # every environment, the test one too
+    chosen = max(records, key=iid)
+    assert chosen["env0_in_acc"] * 100 == pytest.approx(ddg["selected_acc"], abs=1e-9)
+    assert "| DDG |" in (out / "results_domainbed.md").read_text()
     # SWAD's segments close with the current weights' training-domain validation loss (khanrc/swad's trainer)
     assert ddg["swad_segments"]
     loss_at = {r["run_step"]: r["train_out_loss"] for r in ddg_rows}
@@ -267,6 +285,18 @@ def test_stage2_starts_from_the_stage1_choice():
     before = {k: v.clone() for k, v in module.student.state_dict().items()}
     start_from_selected(single, module, selection)  # nothing chosen (no evaluation in Stage I): weights stay
     assert all(torch.equal(v, before[k]) for k, v in module.student.state_dict().items())
+
+
+def test_domainbed_table_is_mean_and_standard_error_over_trials():
+    from examples.ddg.domainbed_output import domainbed_table
+
+    results = [{"method": "ddg", "test_env": "A", "trial_seed": s, "selected_acc": a}
+               for s, a in enumerate((50, 60, 70))]
+    results += [{"method": "ddg", "test_env": "B", "trial_seed": 0, "selected_acc": 80.0}]
+    table = domainbed_table(results, ["A", "B"], [("DDG", "ddg", "selected_acc"), ("ERM", "erm", "selected_acc")])
+    assert table["header"] == ["algorithm", "A", "B", "Avg"]
+    # DomainBed: 100 * mean, 100 * std(ddof=0) / sqrt(n); Avg = the mean of the environments' means, no error
+    assert table["rows"] == [["DDG", "60.0 ± 4.7", "80.0 ± 0.0", "70.0"], ["ERM", "-", "-", "-"]]
 
 
 def test_teacher_domains_never_include_a_test_domain():
