@@ -68,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clip-model", help="local CLIP folder (transformers CLIPModel + tokenizer): the teacher")
     parser.add_argument("--pretrained-model", help="local Stable Diffusion v1.x folder (diffusers layout)")
     parser.add_argument("--student-model", help="local CLIP folder of the clip_vit student (default: --clip-model)")
-    parser.add_argument("--backbone-weights", help="torchvision state_dict file for resnet50 / vit_b16")
+    parser.add_argument("--backbone-weights", help="torchvision state_dict file for resnet50 / vit_b16 ('random': "
+                        "a random initialisation, on purpose)")
     parser.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default: the preset's)")
     parser.add_argument("--test-envs", type=comma_ints, help="held-out environment indices (default: the preset's; "
                                                              "DomainBed presets: every environment)")
@@ -113,10 +114,15 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                          "DDG train Stage I, then Stage II")
     if preset.checkpoint_freq < 1:
         raise SystemExit(f"--checkpoint-freq must be >= 1, got {preset.checkpoint_freq}")
+    if preset.backbone != "clip_vit" and not args.backbone_weights:
+        raise SystemExit(f"--backbone {preset.backbone} needs --backbone-weights: a torchvision state_dict file "
+                         "(DomainBed and VL2V start from ImageNet weights; nothing is downloaded), or "
+                         "'--backbone-weights random' to train from a random initialisation on purpose")
     return RunConfig(preset=preset, out=args.out or Path("runs/ddg") / preset.name, methods=methods, seeds=seeds,
                      test_envs=args.test_envs or None, data_root=args.data_root, clip_model=args.clip_model,
                      pretrained_model=args.pretrained_model, student_model=args.student_model,
-                     backbone_weights=args.backbone_weights, teachers_per_run=args.teachers_per_run,
+                     backbone_weights=None if args.backbone_weights == "random" else args.backbone_weights,
+                     teachers_per_run=args.teachers_per_run,
                      resume=args.resume, max_steps=args.max_steps, quiet=args.quiet,
                      attention_backend=args.attention_backend, mixed_precision=args.mixed_precision,
                      smoke_assets=args.smoke_assets)

@@ -311,6 +311,11 @@ def test_cli_vocabulary():
     assert (rc.data_root, rc.clip_model, rc.pretrained_model) == ("/d", "/c", "/s")
     assert rc.seeds == (0, 1, 2) and rc.mixed_precision == "bf16" and rc.max_steps == 5
     assert train.build_config(train.parse_args(["--preset", "pacs", "--seed", "3"])).seeds == (3,)
+    with pytest.raises(SystemExit, match="--backbone resnet50 needs --backbone-weights"):
+        train.build_config(train.parse_args(["--preset", "pacs", "--backbone", "resnet50"]))
+    random_init = train.build_config(train.parse_args(["--preset", "pacs", "--backbone", "resnet50",
+                                                       "--backbone-weights", "random"]))
+    assert random_init.preset.backbone == "resnet50" and random_init.backbone_weights is None
     assert train.build_config(train.parse_args(["--preset", "pacs"])).seeds == PRESETS["pacs"].trial_seeds
     for old in ("--data-dir", "--sd-dir", "--clip-dir", "--trial-seeds", "--smoke"):
         with pytest.raises(SystemExit):
