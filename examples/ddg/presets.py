@@ -48,7 +48,7 @@ class Preset:
     guidance_rescale: float = 0.0
     negative: str = "domain"                 # CFG negative: 'empty' prompt or each sample's 'domain' prompt
     conditioning: str = "prompts"            # prompts (A) | patches (B) | both (A + B)
-    sd_resolution: int = 256                 # SD input size (Diffusion-TTA/DIVA: 512)
+    sd_resolution: int = 512                 # SD input size (Diffusion-TTA/DIVA; SD v1.4 is weak off 512)
     diffusion_batch: int = 8                 # images per source domain in L_diff, total over processes (0: the
     #                                          whole minibatch)
     timesteps_per_image: int = 1
@@ -56,7 +56,8 @@ class Preset:
     ce_weight: float = 0.0                   # CE on source labels added to the training loss (0: not in DDG)
     stage1_train: str = "projection"         # VL2V Stage I: only P; 'all': f and P
     stage2_train: str = "featurizer"         # VL2V Stage II: only f (P frozen); 'all': f and P
-    class_template: str = "a photo of a {}"
+    class_template: str = "a photo of a {}"      # the CLIP class prompts (VL2V)
+    sd_class_template: str = "a photo of a {}."  # the SD class prompts of conditioning A (Diffusion-TTA)
     holdout: float = 0.2
     image_size: int = 224
     mean: Tuple[float, ...] = IMAGENET_MEAN
@@ -107,6 +108,7 @@ PRESETS: Dict[str, Preset] = {
     "tiny": Preset(name="tiny", dataset="RotatedDigits", backbone="clip_vit", steps=240, stage1_steps=60,
                    swad_start=60, checkpoint_freq=20, batch_per_domain=24, lr=3e-4, beta=1.0, guidance_scale=2.0,
                    negative="domain", conditioning="prompts", sd_resolution=16, diffusion_batch=8,
+                   sd_class_template="a photo of a {}",  # the captions the tiny SD teacher is trained on
                    image_size=16, mean=(0.5,), std=(0.5,), clip_mean=None, clip_std=None, augment=False,
                    test_batch=512, n_converge=3, n_tolerance=4, num_workers=0, teacher_steps=(200, 100, 300),
                    image_channels=1, angles=(0, 15, 30, 45, 60, 75), test_envs=(0, 5), methods=("erm", "align", "ddg")),

@@ -70,7 +70,7 @@ def load_teachers(p: Preset, envs: Environments, clip_dir, sd_dir, device, atten
     if p.sd_gradient_checkpointing:
         sd.enable_gradient_checkpointing()
     class_text = encode_class_prompts(clip, tokenizer, envs.class_names, p.class_template)
-    sd_prompts = sd.encode_prompts([p.class_template.format(c.replace("_", " ")) for c in envs.class_names])
+    sd_prompts = sd.encode_prompts([p.sd_class_template.format(c.replace("_", " ")) for c in envs.class_names])
     negatives = sd.encode_prompts([""] if p.negative == "empty" else envs.domain_prompts)
     stats = {}
     if p.clip_mean is not None:
