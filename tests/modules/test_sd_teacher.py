@@ -151,3 +151,30 @@ def test_save_and_load_roundtrip(teacher, tmp_path):
     torch.testing.assert_close(loaded.encode_prompts(["a dog"]), teacher.encode_prompts(["a dog"]))
     with pytest.raises(FileNotFoundError, match="from_pretrained.*lacks"):
         StableDiffusionTeacher.from_pretrained(tmp_path)
+
+
+def test_gradient_checkpointing_recomputes_in_eval_mode(tmp_path):
+    """The frozen UNet stays in eval() while its context needs a gradient: checkpointing must still recompute the
+    blocks in backward (diffusers before 0.32 checkpointed only in train mode, a silent no-op here), and give the
+    same context gradient as the plain backward."""
+    teacher = tiny_teacher(tmp_path)
+    z_t, t, context = inputs(teacher)
+    resnet = teacher.unet.up_blocks[0].resnets[0]  # after the first cross-attention: its input depends on c
+    calls, forward = [], resnet.forward
+
+    def counting_forward(*args, **kwargs):  # the recomputation calls forward again (module hooks do not fire)
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    resnet.forward = counting_forward
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            teacher.enable_gradient_checkpointing()
+        assert not teacher.unet.training
+        calls.clear()
+        c = context.clone().requires_grad_()
+        unet(teacher, z_t, t, c).square().mean().backward()
+        grads.append(c.grad)
+        assert len(calls) == (2 if checkpointing else 1), f"checkpointing={checkpointing}: {len(calls)} calls"
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
