@@ -13,7 +13,7 @@ streams (examples/common/seeding.py): the global generators (DomainBed augmentat
 owns for the diffusion timesteps, noise and patch-token choices. Minibatch indices are seeded per (trial seed,
 domain, step) on the rank's stream, so a resumed stage draws the batches the uninterrupted one draws.
 
-Evaluation (training-domain validation, the test domain's accuracy, SWAD's segment losses), SWAD itself, the logs,
+Evaluation (training-domain validation, whose loss closes SWAD's segments, the test domain's accuracy), SWAD, the logs,
 ``results.json`` and the exported students happen on the main process only (examples/common/main_process.py);
 the other processes receive the evaluation's numbers.
 """
@@ -177,7 +177,7 @@ def zero_shot_accuracy(teachers: Teachers, data, batch: int, device) -> float:
 
 class Evaluator:
     """The loaders of a combination's evaluations (main process): the sources' holdouts (training-domain
-    validation) and the test domain's 'in' split."""
+    validation), the test domain's 'in' split (the reported accuracy) and its 'out' split (DomainBed's oracle)."""
 
     def __init__(self, combo: Combination, p: Preset, device):
         names, splits = combo.envs.names, combo.envs.splits
@@ -189,7 +189,7 @@ class Evaluator:
 
     def __call__(self, student: nn.Module) -> Dict[str, float]:
         """Training-domain validation (accuracy and CE, means over the sources' 'out' splits: DomainBed's and
-        SWAD's ``tr_outloss``) and the test domain's accuracy."""
+        SWAD's ``tr_outloss``), each source's accuracy and the test domain's 'in' and 'out' accuracies."""
         metrics = evaluate(student, {**self.val, "test_in": self.test, "test_out": self.test_out}, self.device)
         names = [f"{self.combo.envs.names[i]}_out" for i in self.combo.sources]
         return {"train_out_acc": sum(metrics[f"{n}_acc"] for n in names) / len(names),
@@ -341,8 +341,8 @@ def train_combination(run: Run, combo: Combination, teachers: Teachers, paths: P
     if acc.is_main_process:
         selection.swad = SWAD(module.student, p.n_converge, p.n_tolerance, p.tolerance_ratio)
         evaluator = Evaluator(combo, p, acc.device)
-    keys = []
-    for name, number, first, end in stages(combo.method, p):
+    keys, plan = [], stages(combo.method, p)
+    for name, number, first, end in plan:
         key = f"{combo.key}-{name}"
         keys.append(key)
         if key in run.products:  # finished: its product is where the next stage starts
@@ -363,8 +363,7 @@ def train_combination(run: Run, combo: Combination, teachers: Teachers, paths: P
             res["swad_converged"] = selection.swad.converged
             res["swad_segments"] = [h for h in selection.swad.final_history() if h["used"]]
         # The final stage's evaluations: DomainBed's selection over them is the run's (within Stage II, VL2V).
-        final_stage = stages(combo.method, p)[-1][0]
-        rows = [r for r in run.log.rows if r.get("run") == combo.key and r.get("stage") == final_stage]
+        rows = [r for r in run.log.rows if r.get("run") == combo.key and r.get("stage") == plan[-1][0]]
         domainbed_output.write_run(Path(rc.out) / "domainbed" / combo.key, domainbed_output.run_records(
             rows, dataset=p.dataset, method=combo.method, test_env=combo.test_env, env_names=combo.envs.names,
             sources=combo.sources, trial_seed=combo.seed, hparams=p.to_dict()))
